@@ -1,0 +1,397 @@
+"""KQL checks over Application Insights telemetry (runbook steps 1 to 4 and the
+Monitoring table).
+
+Every query covers all orgs at once (summarize by org), so the number of
+queries per audit is fixed. Zero rows is evidence only once liveness has shown
+that the expected events and metrics are arriving at all.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from string import Template
+
+from azure.core.exceptions import AzureError
+from azure.monitor.query import LogsQueryPartialResult, LogsQueryStatus
+from prefect.cache_policies import NO_CACHE
+from prefect import get_run_logger, task
+
+from ue_pilot.checks import CheckResult, Status, failed, inconclusive, passed
+from ue_pilot.clients import build_logs_client, logs_call_options
+from ue_pilot.settings import Settings
+
+# Table and column names of the two schemas Azure Monitor exposes the same
+# telemetry under: the Application Insights resource (classic) and the Log
+# Analytics workspace.
+SCHEMAS = {
+    "classic": {
+        "events": "customEvents", "metrics": "customMetrics",
+        "availability": "availabilityResults", "ts": "timestamp", "name": "name",
+        "dims": "customDimensions", "items": "itemCount", "sum": "valueSum",
+        "max": "valueMax", "success": "success",
+    },
+    "workspace": {
+        "events": "AppEvents", "metrics": "AppMetrics",
+        "availability": "AppAvailabilityResults", "ts": "TimeGenerated",
+        "name": "Name", "dims": "Properties", "items": "ItemCount", "sum": "Sum",
+        "max": "Max", "success": "Success",
+    },
+}
+
+
+def kql_string(value: str) -> str:
+    """Quote `value` as a KQL string literal."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def kql_list(values: list[str]) -> str:
+    return ", ".join(kql_string(value) for value in values)
+
+
+def render(template: str, settings: Settings, **values: str) -> str:
+    names = dict(SCHEMAS[settings.logs_schema])
+    names["probe_ua"] = kql_string(settings.probe_user_agent)
+    names.update(values)
+    return Template(template).substitute(names)
+
+
+QUERIES = {
+    "liveness_events": """$events
+| where $name in ($event_names)
+| summarize rows = sum($items), latest = max($ts) by name = $name""",
+    "liveness_metrics": """$metrics
+| where $name in ($metric_names)
+| summarize rows = sum($items), latest = max($ts) by name = $name""",
+    # Runbook step 1, as one summary over the window.
+    "ue_metrics": """$metrics
+| where $name startswith "ue_"
+| summarize rows = sum($items) by name = $name""",
+    # Runbook step 2. Kusto rejects comparing two dynamic values, so both sides
+    # are cast to string; a missing key becomes "".
+    "cross_org": """$events
+| where $name == "rls_context_set"
+| extend orgId = tostring($dims.orgId), requestOrgId = tostring($dims.requestOrgId)
+| where orgId != requestOrgId
+| summarize attempts = sum($items), first_seen = min($ts), last_seen = max($ts)
+    by orgId, requestOrgId, route = tostring($dims.route)""",
+    # Runbook step 3, weighted by itemCount and without the audit's own probes.
+    "auth": """$events
+| where $name in ("auth_failure", "role_check_failed", "auth_success")
+| where tostring($dims.userAgent) !startswith $probe_ua
+| summarize events = sum($items) by name = $name, orgId = tostring($dims.orgId)""",
+    # Runbook step 4.
+    "query_volume": """$metrics
+| where $name == $query_metric
+| extend orgId = tostring($dims.orgId)
+| summarize queryCount = sum($sum * $items) by orgId""",
+    "monitor_readiness": """$availability
+| where $name == $readiness_test
+| summarize failures = sum(iff($success == false, $items, 0)), total = sum($items)
+    by bin($ts, ${readiness_bin}m)""",
+    "monitor_mismatch": """$metrics
+| where $name == $mismatch_metric
+| summarize total = sum($sum * $items)""",
+    "monitor_auth_rate": """$events
+| where $name in ("auth_failure", "auth_success")
+| where tostring($dims.userAgent) !startswith $probe_ua
+| summarize failures = sum(iff($name == "auth_failure", $items, 0)),
+    total = sum($items) by bin($ts, ${auth_bin}m)""",
+    # Rows may be pre-aggregated; the p99 of each row's maximum can only
+    # overstate the true p99, so a pass is never false.
+    "monitor_latency": """$metrics
+| where $name == $latency_metric
+| summarize p99 = percentile($max, 99), measurements = sum($items)
+    by bin($ts, 5m)""",
+    "monitor_export_unauthenticated": """$metrics
+| where $name == $export_metric
+| summarize total = sum($sum * $items)""",
+}
+
+
+def build_queries(settings: Settings) -> dict[str, str]:
+    values = {
+        "event_names": kql_list(settings.liveness_events),
+        "metric_names": kql_list(settings.liveness_metrics),
+        "query_metric": kql_string(settings.query_total_metric),
+        "readiness_test": kql_string(settings.readiness_test_name),
+        "readiness_bin": str(settings.readiness_window_minutes),
+        "mismatch_metric": kql_string(settings.rls_mismatch_metric),
+        "auth_bin": str(settings.auth_failure_window_minutes),
+        "latency_metric": kql_string(settings.proxy_latency_metric),
+        "export_metric": kql_string(settings.export_unauthenticated_metric),
+    }
+    return {key: render(text, settings, **values) for key, text in QUERIES.items()}
+
+
+@dataclass
+class QueryOutcome:
+    """Rows of one query, or why there are none to trust."""
+
+    rows: list[dict] | None
+    problem: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.rows is not None and not self.problem
+
+
+def run_query(client, settings: Settings, text: str,
+              window: tuple[datetime, datetime]) -> QueryOutcome:
+    """Run one query; a partial result or an error is never taken as data."""
+    options = logs_call_options(settings)
+    try:
+        if settings.logs_resource_id:
+            response = client.query_resource(
+                settings.logs_resource_id, text, timespan=window,
+                server_timeout=settings.logs_server_timeout_seconds, **options)
+        else:
+            response = client.query_workspace(
+                settings.logs_workspace_id, text, timespan=window,
+                server_timeout=settings.logs_server_timeout_seconds, **options)
+    except (AzureError, ValueError) as error:
+        # ValueError includes the JSONDecodeError of an empty 204 answer.
+        return QueryOutcome(None, f"query failed: {type(error).__name__}: "
+                                  f"{str(error).splitlines()[0][:300]}")
+    if isinstance(response, LogsQueryPartialResult) or (
+        response.status != LogsQueryStatus.SUCCESS
+    ):
+        message = getattr(getattr(response, "partial_error", None), "message", "")
+        return QueryOutcome(None, f"partial result: {message[:300]}")
+    table = response.tables[0] if response.tables else None
+    if table is None:
+        return QueryOutcome(None, "response has no table")
+    rows = [dict(zip(table.columns, row)) for row in table.rows]
+    return QueryOutcome(rows)
+
+
+def run_all(settings: Settings, window: tuple[datetime, datetime]) -> dict[str, QueryOutcome]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not (settings.logs_resource_id or settings.logs_workspace_id):
+        problem = "no UE_LOGS_RESOURCE_ID or UE_LOGS_WORKSPACE_ID is set"
+        return {key: QueryOutcome(None, problem) for key in QUERIES}
+    client = build_logs_client(settings)
+    queries = build_queries(settings)
+    with ThreadPoolExecutor(max_workers=len(queries)) as pool:
+        futures = {
+            key: pool.submit(run_query, client, settings, text, window)
+            for key, text in queries.items()
+        }
+        return {key: future.result() for key, future in futures.items()}
+
+
+@task(name="query-telemetry", retries=2, retry_delay_seconds=[10, 30], cache_policy=NO_CACHE)
+def query_telemetry(settings: Settings, orgs: list[str],
+                    window: tuple[datetime, datetime]) -> list[CheckResult]:
+    """Run every telemetry and monitor query once for all orgs and evaluate them."""
+    logger = get_run_logger()
+    outcomes = run_all(settings, window)
+    for key, outcome in outcomes.items():
+        if not outcome.ok:
+            logger.warning("query %s: %s", key, outcome.problem)
+    logger.info("telemetry: %d queries over %s .. %s", len(outcomes),
+                window[0].isoformat(), window[1].isoformat())
+    return evaluate_telemetry(settings, orgs, outcomes)
+
+
+def evaluate_telemetry(settings: Settings, orgs: list[str],
+                       outcomes: dict[str, QueryOutcome]) -> list[CheckResult]:
+    """Turn query outcomes into checks, all inconclusive unless liveness holds."""
+    liveness = evaluate_liveness(settings, outcomes)
+    dependent = evaluate_dependent(settings, orgs, outcomes)
+    if liveness.status != Status.PASS:
+        reason = f"telemetry liveness is {liveness.status.value}: {liveness.summary}"
+        dependent = [
+            inconclusive(check.id, reason, check.org, **check.observed)
+            for check in dependent
+        ]
+    return [liveness] + dependent
+
+
+def evaluate_liveness(settings: Settings,
+                      outcomes: dict[str, QueryOutcome]) -> CheckResult:
+    check_id = "telemetry.liveness"
+    problems = [outcomes[key].problem for key in ("liveness_events", "liveness_metrics")
+                if not outcomes[key].ok]
+    if problems:
+        return inconclusive(check_id, "; ".join(problems))
+    seen = {row["name"]: row["rows"] for key in ("liveness_events", "liveness_metrics")
+            for row in outcomes[key].rows if row["rows"]}
+    expected = settings.liveness_events + settings.liveness_metrics
+    missing = [name for name in expected if not seen.get(name)]
+    if missing:
+        return inconclusive(check_id, "expected telemetry is not arriving: "
+                            + ", ".join(missing), seen=seen, missing=missing)
+    return passed(check_id, "expected events and metrics are arriving", seen=seen)
+
+
+def evaluate_dependent(settings: Settings, orgs: list[str],
+                       outcomes: dict[str, QueryOutcome]) -> list[CheckResult]:
+    checks = [evaluate_ue_metrics(outcomes["ue_metrics"])]
+    checks += evaluate_cross_org(orgs, outcomes["cross_org"])
+    checks += evaluate_auth(settings, orgs, outcomes["auth"])
+    checks += evaluate_volume(orgs, outcomes["query_volume"])
+    checks += evaluate_monitors(settings, outcomes)
+    return checks
+
+
+def evaluate_ue_metrics(outcome: QueryOutcome) -> CheckResult:
+    check_id = "telemetry.ue_metrics"
+    if not outcome.ok:
+        return inconclusive(check_id, outcome.problem)
+    counts = {row["name"]: row["rows"] for row in outcome.rows}
+    if not counts:
+        return inconclusive(check_id, "no ue_ metrics in the window")
+    return passed(check_id, f"{len(counts)} ue_ metrics reporting", metrics=counts)
+
+
+def evaluate_cross_org(orgs: list[str], outcome: QueryOutcome) -> list[CheckResult]:
+    check_id = "telemetry.cross_org_events"
+    if not outcome.ok:
+        return [inconclusive(check_id, outcome.problem, org) for org in orgs]
+    by_org: dict[str, list[dict]] = {org: [] for org in orgs}
+    outside: list[dict] = []
+    for row in outcome.rows:
+        attempt = {
+            "orgId": row["orgId"], "requestOrgId": row["requestOrgId"],
+            "route": row["route"], "attempts": row["attempts"],
+            "first_seen": str(row["first_seen"]), "last_seen": str(row["last_seen"]),
+        }
+        involved = {row["orgId"], row["requestOrgId"]} & by_org.keys()
+        for org in involved:
+            by_org[org].append(attempt)
+        if not involved:
+            outside.append(attempt)
+
+    checks = []
+    for org, attempts in by_org.items():
+        if attempts:
+            total = sum(a["attempts"] for a in attempts)
+            checks.append(failed(check_id, f"{total} cross-org query attempt(s)", org,
+                                 attempts=attempts))
+        else:
+            checks.append(passed(check_id, "no cross-org query attempts", org))
+    if outside:
+        checks.append(failed(check_id, "cross-org query attempts outside the pilot "
+                             "orgs", None, attempts=outside))
+    return checks
+
+
+def evaluate_auth(settings: Settings, orgs: list[str],
+                  outcome: QueryOutcome) -> list[CheckResult]:
+    check_id = "telemetry.auth_failures"
+    if not outcome.ok:
+        return [inconclusive(check_id, outcome.problem, org) for org in orgs]
+    counts: dict[str, dict[str, int]] = {org: {} for org in orgs}
+    for row in outcome.rows:
+        if row["orgId"] in counts:
+            counts[row["orgId"]][row["name"]] = int(row["events"])
+    checks = []
+    for org, seen in counts.items():
+        failures = seen.get("auth_failure", 0)
+        total = failures + seen.get("auth_success", 0)
+        rate = failures / total if total else 0.0
+        observed = {
+            "auth_failure": failures,
+            "role_check_failed": seen.get("role_check_failed", 0),
+            "auth_success": seen.get("auth_success", 0),
+            "failure_rate": round(rate, 4),
+        }
+        if rate > settings.auth_failure_rate_threshold:
+            checks.append(failed(check_id, f"auth failure rate {rate:.1%} above "
+                                 f"{settings.auth_failure_rate_threshold:.0%}", org,
+                                 **observed))
+        else:
+            checks.append(passed(check_id, f"auth failure rate {rate:.1%}", org,
+                                 **observed))
+    return checks
+
+
+def evaluate_volume(orgs: list[str], outcome: QueryOutcome) -> list[CheckResult]:
+    check_id = "telemetry.query_volume"
+    if not outcome.ok:
+        return [inconclusive(check_id, outcome.problem, org) for org in orgs]
+    volume = {row["orgId"]: row["queryCount"] for row in outcome.rows}
+    checks = []
+    for org in orgs:
+        count = volume.get(org) or 0
+        if count > 0:
+            checks.append(passed(check_id, f"{count:g} queries", org, queryCount=count))
+        else:
+            checks.append(inconclusive(
+                check_id, "no queries recorded for this org, so its telemetry "
+                "proves nothing about isolation", org, queryCount=0))
+    return checks
+
+
+def evaluate_monitors(settings: Settings,
+                      outcomes: dict[str, QueryOutcome]) -> list[CheckResult]:
+    """The five alerts of the runbook's Monitoring table, with its thresholds."""
+    return [
+        monitor_readiness(settings, outcomes["monitor_readiness"]),
+        monitor_total("monitor.ue_rls_context_mismatch", outcomes["monitor_mismatch"],
+                      "context mismatches"),
+        monitor_auth_rate(settings, outcomes["monitor_auth_rate"]),
+        monitor_latency(settings, outcomes["monitor_latency"]),
+        monitor_total("monitor.ue_export_unauthenticated",
+                      outcomes["monitor_export_unauthenticated"],
+                      "unauthenticated exports"),
+    ]
+
+
+def monitor_readiness(settings: Settings, outcome: QueryOutcome) -> CheckResult:
+    check_id = "monitor.ue_pilot_health_degraded"
+    if not outcome.ok:
+        return inconclusive(check_id, outcome.problem)
+    if not any(row["total"] for row in outcome.rows):
+        return inconclusive(check_id, "no readiness availability results in the "
+                            f"window (test {settings.readiness_test_name!r})")
+    worst = max(int(row["failures"]) for row in outcome.rows)
+    observed = {"max_failures_per_bin": worst,
+                "threshold": settings.readiness_failures_threshold,
+                "bin_minutes": settings.readiness_window_minutes}
+    if worst >= settings.readiness_failures_threshold:
+        return failed(check_id, f"readiness failed {worst}x within "
+                      f"{settings.readiness_window_minutes} min", **observed)
+    return passed(check_id, "readiness probe healthy", **observed)
+
+
+def monitor_total(check_id: str, outcome: QueryOutcome, label: str) -> CheckResult:
+    if not outcome.ok:
+        return inconclusive(check_id, outcome.problem)
+    total = sum(float(row["total"] or 0) for row in outcome.rows)
+    if total > 0:
+        return failed(check_id, f"{total:g} {label} (threshold: any)", total=total)
+    return passed(check_id, f"no {label}", total=0)
+
+
+def monitor_auth_rate(settings: Settings, outcome: QueryOutcome) -> CheckResult:
+    check_id = "monitor.ue_auth_failure_rate"
+    if not outcome.ok:
+        return inconclusive(check_id, outcome.problem)
+    bins = [row for row in outcome.rows if row["total"]]
+    if not bins:
+        return inconclusive(check_id, "no authentication events in the window")
+    worst = max(row["failures"] / row["total"] for row in bins)
+    observed = {"max_rate": round(worst, 4), "bins": len(bins),
+                "threshold": settings.auth_failure_rate_threshold}
+    if worst > settings.auth_failure_rate_threshold:
+        return failed(check_id, f"auth failure rate reached {worst:.1%}", **observed)
+    return passed(check_id, f"auth failure rate at most {worst:.1%}", **observed)
+
+
+def monitor_latency(settings: Settings, outcome: QueryOutcome) -> CheckResult:
+    check_id = "monitor.ue_django_proxy_latency_p99"
+    if not outcome.ok:
+        return inconclusive(check_id, outcome.problem)
+    bins = [row for row in outcome.rows if row["measurements"]]
+    if not bins:
+        return inconclusive(check_id, "no proxy latency measurements in the window")
+    worst = max(float(row["p99"]) for row in bins)
+    observed = {"max_p99_ms": round(worst, 1), "bins": len(bins),
+                "threshold_ms": settings.proxy_latency_p99_threshold_ms}
+    if worst > settings.proxy_latency_p99_threshold_ms:
+        return failed(check_id, f"proxy latency p99 reached {worst:.0f} ms",
+                      **observed)
+    return passed(check_id, f"proxy latency p99 at most {worst:.0f} ms", **observed)

@@ -1,0 +1,113 @@
+"""Clients of every external system, built in one place from the settings.
+
+Tests point each of them at a local stand-in through the same settings that
+point production at Azure, Clerk and PagerDuty.
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import urlsplit
+
+import httpx
+import psycopg
+import redis
+from azure.core.credentials import AccessToken, AccessTokenInfo
+from azure.monitor.query import LogsQueryClient
+
+from ue_pilot import __version__
+from ue_pilot.settings import Settings
+
+LOOPBACK_HOSTS = {"127.0.0.1", "localhost", "::1"}
+
+
+class StaticTokenCredential:
+    """A fixed bearer token for a Logs API stand-in on loopback.
+
+    DefaultAzureCredential would probe the managed identity metadata address,
+    which must never happen outside Azure.
+    """
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def get_token(self, *scopes: str, **kwargs: object) -> AccessToken:
+        return AccessToken(self._token, int(time.time()) + 3600)
+
+    def get_token_info(self, *scopes: str, options: object = None) -> AccessTokenInfo:
+        return AccessTokenInfo(self._token, int(time.time()) + 3600)
+
+
+def is_loopback(url: str) -> bool:
+    return (urlsplit(url).hostname or "") in LOOPBACK_HOSTS
+
+
+def build_http_client(settings: Settings) -> httpx.AsyncClient:
+    """Build the client for the UE application's routes.
+
+    Redirects are not followed: a redirect to a login page is a rejection, and
+    following it would turn the rejection into a 200.
+    """
+    limits = httpx.Limits(
+        max_connections=settings.http_concurrency,
+        max_keepalive_connections=settings.http_concurrency,
+    )
+    return httpx.AsyncClient(
+        base_url=settings.base_url,
+        timeout=settings.http_timeout_seconds,
+        follow_redirects=False,
+        limits=limits,
+        headers={"User-Agent": settings.probe_user_agent},
+        trust_env=False,
+    )
+
+
+def build_logs_client(settings: Settings) -> LogsQueryClient:
+    """Build the Azure Monitor Logs client, against Azure or the configured endpoint."""
+    if settings.logs_auth == "static":
+        if not (settings.logs_endpoint and is_loopback(settings.logs_endpoint)):
+            raise ValueError(
+                "UE_LOGS_AUTH=static is only allowed with a loopback "
+                f"UE_LOGS_ENDPOINT (got {settings.logs_endpoint!r}); use "
+                "UE_LOGS_AUTH=default against Azure"
+            )
+        credential = StaticTokenCredential(settings.logs_static_token.get_secret_value())
+    else:
+        from azure.identity import DefaultAzureCredential
+
+        credential = DefaultAzureCredential()
+
+    options: dict[str, object] = {}
+    if settings.logs_endpoint:
+        options["endpoint"] = settings.logs_endpoint + "/v1"
+    return LogsQueryClient(credential, **options)
+
+
+def logs_call_options(settings: Settings) -> dict[str, object]:
+    """Per-call options: azure-core sends bearer tokens over http only when told to."""
+    if settings.logs_endpoint.startswith("http://"):
+        return {"enforce_https": False}
+    return {}
+
+
+def connect_database(settings: Settings) -> psycopg.Connection:
+    """Open a connection as the read-only audit role."""
+    return psycopg.connect(
+        settings.database_url.get_secret_value(),
+        connect_timeout=10,
+        application_name="ue-pilot-audit",
+        autocommit=False,
+    )
+
+
+def build_redis(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(
+        settings.redis_url.get_secret_value(),
+        socket_connect_timeout=5,
+        socket_timeout=5,
+        decode_responses=True,
+    )
+
+
+def user_agent() -> str:
+    return f"ue-pilot/{__version__}"

@@ -1,0 +1,33 @@
+"""Fault switches of the sandbox pilot: each one a flaw a real deployment can have."""
+
+from __future__ import annotations
+
+FAULTS: dict[str, str] = {
+    "export-no-auth": "export routes serve rows without a session",
+    "export-ignores-org": "a session of one org gets another org's export rows",
+    "cross-org-no-role-gate": "cross-org analytics routes admit every role",
+    "rls-disabled": "a tenant table has row-level security disabled",
+    "rls-not-forced": "the application role owns a tenant table without FORCE",
+    "rls-fail-open": "a permissive policy passes every row when the setting is empty",
+    "rls-session-set": "the tenant context is set per session and leaks through the pool",
+    "cross-org-events": "telemetry records queries whose context org differs from the request's",
+    "no-telemetry": "the application emits no custom events or metrics",
+    "readiness-down": "the readiness route fails and the availability test records it",
+    "ready-requires-auth": "the readiness route sits behind auth and rejects anonymous probes",
+    "slow-proxy": "the Django proxy latency p99 is above 3 s",
+    "auth-failure-storm": "more than 10 % of requests fail authentication",
+    "logs-partial": "the Logs query API returns partial results with an error",
+}
+
+
+class UnknownFaultError(ValueError):
+    """A fault name the sandbox does not have."""
+
+
+def validate_faults(names: list[str] | tuple[str, ...]) -> list[str]:
+    """Return the fault names in order, raising UnknownFaultError for a bad one."""
+    for name in names:
+        if name not in FAULTS:
+            known = ", ".join(sorted(FAULTS))
+            raise UnknownFaultError(f"unknown fault {name!r}; known faults: {known}")
+    return list(dict.fromkeys(names))
