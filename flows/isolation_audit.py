@@ -99,7 +99,7 @@ def isolation_audit(orgs: list[str] | None = None) -> dict:
     outcome = verdict(checks)
 
     # Escalate
-    paging = escalate(settings, checks)
+    paging = escalate.submit(settings, checks).result()
 
     # Evidence
     window_text = (window[0].isoformat(), window[1].isoformat())

@@ -173,7 +173,8 @@ def run_all(settings: Settings, window: tuple[datetime, datetime]) -> dict[str, 
         return {key: QueryOutcome(None, problem) for key in QUERIES}
     client = build_logs_client(settings)
     queries = build_queries(settings)
-    with ThreadPoolExecutor(max_workers=len(queries)) as pool:
+    # azure-core's HTTP connection pool keeps 10 connections per host.
+    with ThreadPoolExecutor(max_workers=min(8, len(queries))) as pool:
         futures = {
             key: pool.submit(run_query, client, settings, text, window)
             for key, text in queries.items()

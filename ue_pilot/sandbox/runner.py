@@ -1,0 +1,239 @@
+"""Start the whole sandbox pilot on 127.0.0.1 and hand out the `UE_*` settings
+that point the audit at it.
+
+`Sandbox` runs everything in this process. `SandboxProcess` runs it in a child
+process (`python -m ue_pilot.sandbox.runner`), which is how the CLI and the
+tests use it: the stand-ins then get their own CPU time and stop cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+from ue_pilot.sandbox.app import SessionRegistry, create_ue_app
+from ue_pilot.sandbox.database import SandboxDatabase, drop_leftovers
+from ue_pilot.sandbox.faults import validate_faults
+from ue_pilot.sandbox.logs_api import create_logs_app
+from ue_pilot.sandbox.pagerduty import create_pagerduty_app
+from ue_pilot.sandbox.servers import RunningServer, start_server
+from ue_pilot.sandbox.telemetry import TelemetryStore
+from ue_pilot.sandbox.traffic import TrafficGenerator, seed_history
+
+DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+ROLES = ("member", "admin", "owner")
+HISTORY_MINUTES = 120
+RESOURCE_ID = (
+    "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/ue-sandbox"
+    "/providers/microsoft.insights/components/ue-pilot-sandbox"
+)
+WORKSPACE_ID = "11111111-1111-1111-1111-111111111111"
+# How the sandbox application sets the tenant context; the rls-session-set
+# fault sets it for the whole session, as a deployment with that flaw does.
+CONTEXT_SQL_LOCAL = "SELECT set_config(%(setting)s, %(org)s, true)"
+CONTEXT_SQL_SESSION = "SELECT set_config(%(setting)s, %(org)s, false)"
+
+
+def sandbox_org_ids(count: int) -> list[str]:
+    return [f"org_sandbox{index:04d}" for index in range(1, count + 1)]
+
+
+@dataclass
+class Sandbox:
+    """The database, the UE application and the Logs and PagerDuty stand-ins."""
+
+    org_count: int = 3
+    faults: list[str] = field(default_factory=list)
+    admin_url: str = DEFAULT_ADMIN_URL
+    redis_url: str = DEFAULT_REDIS_URL
+    request_delay_ms: float = 0.0
+    tenant_setting: str = "app.org_id"
+    servers: list[RunningServer] = field(default_factory=list)
+
+    def start(self) -> dict[str, str]:
+        """Start every part and return the settings that point at them."""
+        faults = set(validate_faults(self.faults))
+        org_ids = sandbox_org_ids(self.org_count)
+        drop_leftovers(self.admin_url)
+        self.database = SandboxDatabase.create(
+            self.admin_url, org_ids=org_ids, faults=faults,
+            tenant_setting=self.tenant_setting,
+        )
+        try:
+            return self._start_services(org_ids, faults)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start_services(self, org_ids: list[str], faults: set[str]) -> dict[str, str]:
+        self.telemetry = TelemetryStore()
+        self.telemetry.enabled = "no-telemetry" not in faults
+        seed_history(self.telemetry, org_ids, faults,
+                     now=datetime.now(timezone.utc), minutes=HISTORY_MINUTES)
+        self.traffic = TrafficGenerator(self.telemetry, org_ids, faults)
+        self.traffic.start()
+
+        sessions = SessionRegistry()
+        probe_sessions = {
+            org: {role: sessions.issue(org, role) for role in ROLES} for org in org_ids
+        }
+        logs_token = secrets.token_urlsafe(24)
+        routing_key = secrets.token_hex(16)
+
+        app = start_server(create_ue_app(
+            app_url=self.database.app_url, tenant_setting=self.tenant_setting,
+            sessions=sessions, telemetry=self.telemetry, faults=faults,
+            org_ids=org_ids, request_delay_ms=self.request_delay_ms,
+        ))
+        self.servers.append(app)
+        logs = start_server(create_logs_app(
+            self.telemetry, token=logs_token, workspace_id=WORKSPACE_ID,
+            resource_id=RESOURCE_ID, partial="logs-partial" in faults,
+        ))
+        self.servers.append(logs)
+        pagerduty = start_server(create_pagerduty_app(routing_key))
+        self.servers.append(pagerduty)
+
+        context_sql = (CONTEXT_SQL_SESSION if "rls-session-set" in faults
+                       else CONTEXT_SQL_LOCAL)
+        return {
+            "UE_BASE_URL": app.url,
+            "UE_PILOT_ORG_IDS": ",".join(org_ids),
+            "UE_PROBE_SESSIONS": json.dumps(probe_sessions),
+            "UE_LOGS_ENDPOINT": logs.url,
+            "UE_LOGS_AUTH": "static",
+            "UE_LOGS_STATIC_TOKEN": logs_token,
+            "UE_LOGS_RESOURCE_ID": RESOURCE_ID,
+            "UE_LOGS_WORKSPACE_ID": WORKSPACE_ID,
+            "UE_LOGS_SCHEMA": "classic",
+            "UE_DATABASE_URL": self.database.audit_url,
+            "UE_DB_APP_ROLE": self.database.app_role,
+            "UE_TENANT_SETTING": self.tenant_setting,
+            "UE_RLS_CONTEXT_SQL": context_sql,
+            "UE_REDIS_URL": self.redis_url,
+            "UE_STATE_PREFIX": f"ue-pilot-{self.database.name}",
+            "UE_PAGERDUTY_ROUTING_KEY": routing_key,
+            "UE_PAGERDUTY_EVENTS_URL": pagerduty.url + "/v2/enqueue",
+        }
+
+    def stop(self) -> None:
+        """Stop the servers and the traffic, and drop the database and roles."""
+        for server in reversed(self.servers):
+            server.stop()
+        self.servers.clear()
+        traffic = getattr(self, "traffic", None)
+        if traffic is not None:
+            traffic.stop()
+        database = getattr(self, "database", None)
+        if database is not None:
+            database.drop()
+
+
+class SandboxStartError(RuntimeError):
+    """The sandbox child process exited or did not become ready in time."""
+
+
+class SandboxProcess:
+    """The sandbox in a child process; `env` holds its `UE_*` settings."""
+
+    def __init__(self, orgs: int = 3, faults: list[str] | tuple[str, ...] = (),
+                 request_delay_ms: float = 0.0, timeout: float = 120.0) -> None:
+        validate_faults(list(faults))
+        self._dir = tempfile.TemporaryDirectory(prefix="ue-sandbox-")
+        env_file = Path(self._dir.name) / "env.json"
+        log_file = open(Path(self._dir.name) / "sandbox.log", "w+b")
+        command = [sys.executable, "-m", "ue_pilot.sandbox.runner", "--orgs", str(orgs),
+                   "--env-file", str(env_file), "--request-delay-ms",
+                   str(request_delay_ms)]
+        for name in faults:
+            command += ["--fault", name]
+        self.process = subprocess.Popen(command, stdout=log_file, stderr=log_file,
+                                        stdin=subprocess.DEVNULL)
+        self._log = log_file
+        self.env = self._wait_for(env_file, timeout)
+
+    def _wait_for(self, env_file: Path, timeout: float) -> dict[str, str]:
+        deadline = time.monotonic() + timeout
+        while not env_file.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                log = self.log_tail()
+                self.stop()
+                raise SandboxStartError(f"the sandbox did not start:\n{log}")
+            time.sleep(0.1)
+        return json.loads(env_file.read_text())
+
+    def log_tail(self, limit: int = 4000) -> str:
+        self._log.flush()
+        self._log.seek(0)
+        return self._log.read().decode(errors="replace")[-limit:]
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the child with SIGTERM (it drops its database), SIGKILL if stuck."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self._log.close()
+        self._dir.cleanup()
+
+    def __enter__(self) -> "SandboxProcess":
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Run the sandbox until SIGINT or SIGTERM."""
+    sandbox = Sandbox(org_count=args.orgs, faults=args.fault or [],
+                      admin_url=args.admin_url, redis_url=args.redis_url,
+                      request_delay_ms=args.request_delay_ms)
+    stopping = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stopping.set())
+    env = sandbox.start()
+    try:
+        if args.env_file:
+            partial = Path(args.env_file).with_suffix(".tmp")
+            partial.write_text(json.dumps(env))
+            os.replace(partial, args.env_file)
+        else:
+            for name, value in env.items():
+                print(f"export {name}='{value}'", flush=True)
+            print("# sandbox running; stop it with Ctrl-C", flush=True)
+        stopping.wait()
+    finally:
+        sandbox.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m ue_pilot.sandbox.runner")
+    parser.add_argument("--orgs", type=int, default=3)
+    parser.add_argument("--fault", action="append")
+    parser.add_argument("--env-file")
+    parser.add_argument("--admin-url", default=os.environ.get(
+        "UE_SANDBOX_ADMIN_URL", DEFAULT_ADMIN_URL))
+    parser.add_argument("--redis-url", default=os.environ.get(
+        "UE_SANDBOX_REDIS_URL", DEFAULT_REDIS_URL))
+    parser.add_argument("--request-delay-ms", type=float, default=0.0)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(serve(build_parser().parse_args()))
