@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import json
+import uuid
+from datetime import datetime, timedelta
+from pathlib import Path
+
 import httpx
 import pytest
 
 from flows.isolation_audit import isolation_audit
 from ue_pilot.sandbox.runner import SandboxProcess
+from ue_pilot.sandbox.servers import find_free_port
 
 # Each fault and the checks that must catch it. The audit must report the
 # expected status on at least one of the listed checks, and never pass.
@@ -75,7 +81,7 @@ def test_result_has_no_secret(clean_result, clean_sandbox):
     env = clean_sandbox.env
     assert env["UE_PAGERDUTY_ROUTING_KEY"] not in text
     assert env["UE_LOGS_STATIC_TOKEN"] not in text
-    for roles in __import__("json").loads(env["UE_PROBE_SESSIONS"]).values():
+    for roles in json.loads(env["UE_PROBE_SESSIONS"]).values():
         for token in roles.values():
             assert token not in text
 
@@ -106,3 +112,91 @@ def test_failure_pages_critical(prefect_server, ue_env):
                   if e["dedup_key"].endswith("access.cross_org_requires_role")}
     assert "ue-pilot/org_sandbox0001/access.cross_org_requires_role" in keys
     assert severities == {"critical"}
+
+
+def test_workspace_schema_passes(prefect_server, ue_env, clean_sandbox):
+    """The workspace tables (AppEvents, TimeGenerated) give the same verdict."""
+    env = dict(clean_sandbox.env, UE_LOGS_SCHEMA="workspace", UE_LOGS_RESOURCE_ID="")
+    ue_env(env)
+    result = isolation_audit()
+    problems = [c["id"] for c in result["checks"] if c["status"] != "pass"]
+    assert problems == []
+
+
+def test_window_overlaps_previous_run(prefect_server, ue_env, clean_sandbox):
+    """A second run's window starts before the first run's window ended."""
+    ue_env(dict(clean_sandbox.env, UE_STATE_PREFIX="window-test-" + uuid.uuid4().hex))
+    first = isolation_audit()
+    second = isolation_audit()
+    first_end = datetime.fromisoformat(first["window"]["end"])
+    second_start = datetime.fromisoformat(second["window"]["start"])
+    assert second_start <= first_end - timedelta(minutes=15)
+
+
+def test_next_pass_resolves_incident(prefect_server, ue_env, clean_sandbox):
+    """An incident opened by a failing run is resolved by the next passing run."""
+    env = dict(clean_sandbox.env, UE_STATE_PREFIX="resolve-test-" + uuid.uuid4().hex)
+    # With "owner" as the minimum role, the admin probe session sits below the
+    # minimum and is admitted, so the role gate check fails.
+    ue_env(dict(env, UE_CROSS_ORG_MIN_ROLE="owner"))
+    failing = isolation_audit()
+    ue_env(env)
+    passing = isolation_audit()
+    key = "ue-pilot/org_sandbox0001/access.cross_org_requires_role"
+    assert key in failing["paging"]["triggered"]
+    assert key in passing["paging"]["resolved"]
+    assert passing["paging"]["triggered"] == []
+
+
+def test_unreachable_app_fails_clearly(prefect_server, ue_env, clean_sandbox):
+    """An application that does not answer fails health with the reason."""
+    ue_env(dict(clean_sandbox.env, UE_BASE_URL=f"http://127.0.0.1:{find_free_port()}"))
+    result = isolation_audit()
+    ready = [c for c in result["checks"] if c["id"] == "health.ready"][0]
+    assert ready["status"] == "fail"
+    assert "ConnectError" in ready["observed"]["error"]
+    assert result["verdict"] == "fail"
+
+
+def test_unreachable_database_is_not_a_pass(prefect_server, ue_env, clean_sandbox):
+    """With the database unreachable every RLS check is inconclusive or failed."""
+    url = f"postgresql://nobody@127.0.0.1:{find_free_port()}/none"
+    ue_env(dict(clean_sandbox.env, UE_DATABASE_URL=url))
+    result = isolation_audit()
+    rls = {c["status"] for c in result["checks"] if c["id"].startswith("rls.")}
+    assert rls == {"inconclusive"}
+    assert url not in str(result)
+
+
+def test_evidence_artifacts(prefect_server, ue_env, clean_sandbox):
+    """The run stores the ticked checklist and the checks table, without secrets."""
+    ue_env(clean_sandbox.env)
+    state = isolation_audit(return_state=True)
+    artifacts = read_artifacts(state.state_details.flow_run_id)
+    report = artifacts["isolation-audit-report"]
+    table = artifacts["isolation-audit-checks"]
+    tokens = [t for roles in json.loads(clean_sandbox.env["UE_PROBE_SESSIONS"]).values()
+              for t in roles.values()]
+    assert "- [x] Export routes return 401 without auth" in report
+    assert "- [ ] Monitoring alerts fire on test trigger" in report
+    assert "rls.fail_open" in table
+    assert not [t for t in tokens if t in report or t in table]
+
+
+def test_result_persisted_as_json(prefect_server, ue_env, clean_sandbox):
+    """The flow result is stored as JSON with the verdict, not as a pickle."""
+    ue_env(clean_sandbox.env)
+    state = isolation_audit(return_state=True)
+    key = state.data.metadata.storage_key
+    stored = json.loads(Path(key).read_text())
+    assert stored["verdict"] == "pass"
+
+
+def read_artifacts(flow_run_id) -> dict[str, str]:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
+            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+    return {a.key: str(a.data) for a in artifacts}
