@@ -48,22 +48,25 @@ def select_orgs(settings: Settings, orgs: list[str] | None) -> list[str]:
         validate_org_id(org, settings.org_id_pattern)
         if org not in settings.pilot_org_ids:
             raise AuditConfigurationError(
-                f"org {org!r} is not a pilot org; pilot orgs come from "
-                "UE_PILOT_ORG_IDS"
+                f"org {org!r} is not a pilot org; pilot orgs come from UE_PILOT_ORG_IDS"
             )
     return list(dict.fromkeys(orgs))
 
 
-def gather(future: PrefectFuture, fallback_ids: tuple[str, ...],
-           orgs: list[str] | None = None) -> list[CheckResult]:
+def gather(
+    future: PrefectFuture, fallback_ids: tuple[str, ...], orgs: list[str] | None = None
+) -> list[CheckResult]:
     """Return a task's checks, or inconclusive ones if the task itself failed."""
     future.wait()
     value = future.result(raise_on_failure=False)
     if isinstance(value, BaseException) or not future.state.is_completed():
         reason = f"task {future.task_run_id} did not complete: {value!r}"[:300]
         scopes = orgs if orgs else [None]
-        return [inconclusive(check_id, reason, org)
-                for check_id in fallback_ids for org in scopes]
+        return [
+            inconclusive(check_id, reason, org)
+            for check_id in fallback_ids
+            for org in scopes
+        ]
     return value if isinstance(value, list) else [value]
 
 
@@ -94,8 +97,9 @@ def isolation_audit(orgs: list[str] | None = None) -> dict:
         (inspect_rls_posture.submit(settings), POSTURE_CHECKS, None),
         (probe_rls_context.submit(settings, orgs), GLOBAL_CHECKS, None),
     ]
-    checks = [check for future, ids, scope in futures
-              for check in gather(future, ids, scope)]
+    checks = [
+        check for future, ids, scope in futures for check in gather(future, ids, scope)
+    ]
     outcome = verdict(checks)
 
     # Escalate
@@ -105,8 +109,11 @@ def isolation_audit(orgs: list[str] | None = None) -> dict:
     window_text = (window[0].isoformat(), window[1].isoformat())
     target = {"base_url": settings.base_url, "orgs": len(orgs)}
     publish_evidence(outcome, window_text, checks, target)
-    if all(c.status != Status.INCONCLUSIVE for c in checks
-           if c.id.startswith(("telemetry.", "monitor."))):
+    if all(
+        c.status != Status.INCONCLUSIVE
+        for c in checks
+        if c.id.startswith(("telemetry.", "monitor."))
+    ):
         record_window(settings, window[1])
 
     logger.info("verdict %s: %d checks", outcome.value, len(checks))

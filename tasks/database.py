@@ -10,10 +10,10 @@ role. Without that membership the behavioural checks are inconclusive.
 from __future__ import annotations
 
 import psycopg
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from psycopg import sql
 from psycopg_pool import ConnectionPool
-from prefect.cache_policies import NO_CACHE
-from prefect import get_run_logger, task
 
 from ue_pilot.checks import CheckResult, failed, inconclusive, passed
 from ue_pilot.clients import connect_database
@@ -66,7 +66,12 @@ WHERE (s.setrole = 0 OR pg_has_role(%(role)s, s.setrole, 'MEMBER'))
 ALWAYS_TRUE = {"true", "(true)", "1 = 1", "(1 = 1)"}
 
 
-@task(name="check-db-connections", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE)
+@task(
+    name="check-db-connections",
+    retries=2,
+    retry_delay_seconds=[5, 15],
+    cache_policy=NO_CACHE,
+)
 def check_db_connections(settings: Settings) -> CheckResult:
     """Compare open connections with max_connections (runbook: pool saturation)."""
     check_id = "health.db_connections"
@@ -77,8 +82,12 @@ def check_db_connections(settings: Settings) -> CheckResult:
     except psycopg.Error as error:
         return failed(check_id, f"database unreachable: {describe_error(error)}")
     ratio = used / limit
-    observed = {"connections": used, "max_connections": limit,
-                "ratio": round(ratio, 3), "threshold": settings.db_connections_max_ratio}
+    observed = {
+        "connections": used,
+        "max_connections": limit,
+        "ratio": round(ratio, 3),
+        "threshold": settings.db_connections_max_ratio,
+    }
     if ratio > settings.db_connections_max_ratio:
         return failed(check_id, f"{used} of {limit} connections in use", **observed)
     return passed(check_id, f"{used} of {limit} connections in use", **observed)
@@ -92,33 +101,55 @@ def describe_error(error: Exception) -> str:
 def switch_to_app_role(conn: psycopg.Connection, settings: Settings) -> None:
     """Start a READ ONLY transaction acting as the application role."""
     conn.execute("SET TRANSACTION READ ONLY")
-    conn.execute(sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(settings.db_app_role)))
+    conn.execute(
+        sql.SQL("SET LOCAL ROLE {}").format(sql.Identifier(settings.db_app_role))
+    )
 
 
-@task(name="inspect-rls-posture", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE)
+@task(
+    name="inspect-rls-posture",
+    retries=2,
+    retry_delay_seconds=[5, 15],
+    cache_policy=NO_CACHE,
+)
 def inspect_rls_posture(settings: Settings) -> list[CheckResult]:
     """Read the catalog: RLS on every tenant table, policies, views, the app role."""
     logger = get_run_logger()
     try:
         with connect_database(settings) as conn:
-            tables = conn.execute(TENANT_TABLES_SQL, {
-                "column": settings.db_org_column, "schemas": settings.db_schemas,
-            }).fetchall()
+            tables = conn.execute(
+                TENANT_TABLES_SQL,
+                {
+                    "column": settings.db_org_column,
+                    "schemas": settings.db_schemas,
+                },
+            ).fetchall()
             oids = [row[0] for row in tables]
             policies = conn.execute(POLICIES_SQL, {"oids": oids}).fetchall()
             views = conn.execute(VIEWS_SQL, {"oids": oids}).fetchall()
             roles = conn.execute(ROLE_SQL, {"role": settings.db_app_role}).fetchall()
-            defaults = conn.execute(DEFAULTS_SQL, {"role": settings.db_app_role}).fetchall()
+            defaults = conn.execute(
+                DEFAULTS_SQL, {"role": settings.db_app_role}
+            ).fetchall()
     except psycopg.Error as error:
         problem = f"catalog query failed: {describe_error(error)}"
         return [inconclusive(check_id, problem) for check_id in POSTURE_CHECKS]
 
-    logger.info("rls: %d tenant tables, %d policies, %d views", len(tables),
-                len(policies), len(views))
+    logger.info(
+        "rls: %d tenant tables, %d policies, %d views",
+        len(tables),
+        len(policies),
+        len(views),
+    )
     if not tables:
-        return [inconclusive(check_id, f"no table has a {settings.db_org_column!r} "
-                             f"column in schemas {settings.db_schemas}")
-                for check_id in POSTURE_CHECKS]
+        return [
+            inconclusive(
+                check_id,
+                f"no table has a {settings.db_org_column!r} "
+                f"column in schemas {settings.db_schemas}",
+            )
+            for check_id in POSTURE_CHECKS
+        ]
     names = {row[0]: f"{row[1]}.{row[2]}" for row in tables}
     return [
         check_rls_enabled(tables),
@@ -130,20 +161,35 @@ def inspect_rls_posture(settings: Settings) -> list[CheckResult]:
     ]
 
 
-POSTURE_CHECKS = ("rls.enabled_forced", "rls.policies_present", "rls.always_true_policy",
-                  "rls.views_security_invoker", "rls.app_role", "rls.default_context")
+POSTURE_CHECKS = (
+    "rls.enabled_forced",
+    "rls.policies_present",
+    "rls.always_true_policy",
+    "rls.views_security_invoker",
+    "rls.app_role",
+    "rls.default_context",
+)
 
 
 def check_rls_enabled(tables) -> CheckResult:
     not_enabled = [f"{s}.{t}" for _, s, t, enabled, _, _ in tables if not enabled]
     not_forced = [f"{s}.{t}" for _, s, t, _, forced, _ in tables if not forced]
-    observed = {"tenant_tables": [f"{s}.{t}" for _, s, t, *_ in tables],
-                "rls_disabled": not_enabled, "rls_not_forced": not_forced}
+    observed = {
+        "tenant_tables": [f"{s}.{t}" for _, s, t, *_ in tables],
+        "rls_disabled": not_enabled,
+        "rls_not_forced": not_forced,
+    }
     if not_enabled or not_forced:
-        return failed("rls.enabled_forced", "tenant tables without ENABLE + FORCE "
-                      "row-level security", **observed)
-    return passed("rls.enabled_forced", "every tenant table has RLS enabled and "
-                  "forced", **observed)
+        return failed(
+            "rls.enabled_forced",
+            "tenant tables without ENABLE + FORCE row-level security",
+            **observed,
+        )
+    return passed(
+        "rls.enabled_forced",
+        "every tenant table has RLS enabled and forced",
+        **observed,
+    )
 
 
 def check_policies_present(tables, policies, names) -> CheckResult:
@@ -151,10 +197,17 @@ def check_policies_present(tables, policies, names) -> CheckResult:
     bare = [names[oid] for oid, *_ in tables if oid not in covered]
     counts = {names[oid]: sum(1 for p in policies if p[0] == oid) for oid, *_ in tables}
     if bare:
-        return failed("rls.policies_present", "tenant tables without any policy",
-                      tables_without_policy=bare, policies_per_table=counts)
-    return passed("rls.policies_present", "every tenant table has policies",
-                  policies_per_table=counts)
+        return failed(
+            "rls.policies_present",
+            "tenant tables without any policy",
+            tables_without_policy=bare,
+            policies_per_table=counts,
+        )
+    return passed(
+        "rls.policies_present",
+        "every tenant table has policies",
+        policies_per_table=counts,
+    )
 
 
 def check_always_true(policies, names) -> CheckResult:
@@ -162,11 +215,20 @@ def check_always_true(policies, names) -> CheckResult:
     for oid, name, permissive, command, using_expr, check_expr in policies:
         for expr in (using_expr, check_expr):
             if permissive and expr is not None and expr.strip().lower() in ALWAYS_TRUE:
-                suspicious.append({"table": names[oid], "policy": name,
-                                   "command": command, "expression": expr})
+                suspicious.append(
+                    {
+                        "table": names[oid],
+                        "policy": name,
+                        "command": command,
+                        "expression": expr,
+                    }
+                )
     if suspicious:
-        return failed("rls.always_true_policy", "permissive policies that pass every "
-                      "row", policies=suspicious)
+        return failed(
+            "rls.always_true_policy",
+            "permissive policies that pass every row",
+            policies=suspicious,
+        )
     return passed("rls.always_true_policy", "no policy is literally always true")
 
 
@@ -174,33 +236,53 @@ def check_views(views) -> CheckResult:
     unsafe = [
         {"view": f"{schema}.{view}", "reads": table}
         for view, schema, table, options in views
-        if not any(opt.lower() in ("security_invoker=true", "security_invoker=on",
-                                   "security_invoker=1") for opt in options)
+        if not any(
+            opt.lower()
+            in ("security_invoker=true", "security_invoker=on", "security_invoker=1")
+            for opt in options
+        )
     ]
     listed = sorted({f"{schema}.{view}" for view, schema, *_ in views})
     if unsafe:
-        return failed("rls.views_security_invoker", "views over tenant tables run "
-                      "with their owner's rights", views=unsafe)
-    return passed("rls.views_security_invoker", "views over tenant tables use "
-                  "security_invoker", views=listed)
+        return failed(
+            "rls.views_security_invoker",
+            "views over tenant tables run with their owner's rights",
+            views=unsafe,
+        )
+    return passed(
+        "rls.views_security_invoker",
+        "views over tenant tables use security_invoker",
+        views=listed,
+    )
 
 
 def check_app_role(settings: Settings, roles, tables) -> CheckResult:
     role = settings.db_app_role
     if not roles:
-        return inconclusive("rls.app_role", f"role {role!r} not found; check "
-                            "UE_DB_APP_ROLE", role=role)
+        return inconclusive(
+            "rls.app_role", f"role {role!r} not found; check UE_DB_APP_ROLE", role=role
+        )
     superuser = [name for name, sup, _ in roles if sup]
     bypass = [name for name, _, byp in roles if byp]
     member_of = {name for name, *_ in roles}
     owned = [f"{s}.{t}" for _, s, t, _, _, owner in tables if owner in member_of]
-    observed = {"role": role, "superuser_via": superuser, "bypassrls_via": bypass,
-                "owns_tenant_tables": owned}
+    observed = {
+        "role": role,
+        "superuser_via": superuser,
+        "bypassrls_via": bypass,
+        "owns_tenant_tables": owned,
+    }
     if superuser or bypass or owned:
-        return failed("rls.app_role", "the application role can bypass row-level "
-                      "security", **observed)
-    return passed("rls.app_role", "the application role is bound by row-level "
-                  "security", **observed)
+        return failed(
+            "rls.app_role",
+            "the application role can bypass row-level security",
+            **observed,
+        )
+    return passed(
+        "rls.app_role",
+        "the application role is bound by row-level security",
+        **observed,
+    )
 
 
 def check_default_context(settings: Settings, defaults) -> CheckResult:
@@ -212,27 +294,42 @@ def check_default_context(settings: Settings, defaults) -> CheckResult:
         if entry.lower().startswith(prefix)
     ]
     if found:
-        return failed("rls.default_context", "a role or database default sets the "
-                      "tenant context for every connection", defaults=found)
-    return passed("rls.default_context", "no role or database default sets the "
-                  "tenant context")
+        return failed(
+            "rls.default_context",
+            "a role or database default sets the tenant context for every connection",
+            defaults=found,
+        )
+    return passed(
+        "rls.default_context", "no role or database default sets the tenant context"
+    )
 
 
 def count_query(settings: Settings, tables: list[tuple[str, str]]) -> sql.Composed:
     """One statement reading the context and, per table, visible and foreign rows."""
     column = sql.Identifier(settings.db_org_column)
-    parts = [sql.SQL("current_setting({}, true)").format(sql.Literal(settings.tenant_setting))]
+    parts = [
+        sql.SQL("current_setting({}, true)").format(
+            sql.Literal(settings.tenant_setting)
+        )
+    ]
     for schema, table in tables:
         ident = sql.Identifier(schema, table)
         parts.append(sql.SQL("(SELECT count(*) FROM {})").format(ident))
-        parts.append(sql.SQL(
-            "(SELECT count(*) FROM {} WHERE {}::text IS DISTINCT FROM %(org)s)"
-        ).format(ident, column))
+        parts.append(
+            sql.SQL(
+                "(SELECT count(*) FROM {} WHERE {}::text IS DISTINCT FROM %(org)s)"
+            ).format(ident, column)
+        )
     return sql.SQL("SELECT ") + sql.SQL(", ").join(parts)
 
 
-def read_context(conn: psycopg.Connection, settings: Settings, query: sql.Composed,
-                 tables: list[tuple[str, str]], org: str) -> dict[str, object]:
+def read_context(
+    conn: psycopg.Connection,
+    settings: Settings,
+    query: sql.Composed,
+    tables: list[tuple[str, str]],
+    org: str,
+) -> dict[str, object]:
     row = conn.execute(query, {"org": org}).fetchone()
     names = [f"{schema}.{table}" for schema, table in tables]
     return {
@@ -243,24 +340,39 @@ def read_context(conn: psycopg.Connection, settings: Settings, query: sql.Compos
 
 
 def set_context(conn: psycopg.Connection, settings: Settings, org: str) -> None:
-    conn.execute(settings.rls_context_sql, {"setting": settings.tenant_setting,
-                                            "org": org})
+    conn.execute(
+        settings.rls_context_sql, {"setting": settings.tenant_setting, "org": org}
+    )
 
 
-@task(name="probe-rls-context", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE)
+@task(
+    name="probe-rls-context",
+    retries=2,
+    retry_delay_seconds=[5, 15],
+    cache_policy=NO_CACHE,
+)
 def probe_rls_context(settings: Settings, orgs: list[str]) -> list[CheckResult]:
     """Set each org's context as the application does and read what it exposes."""
     logger = get_run_logger()
     try:
         with connect_database(settings) as conn:
-            tables = [(row[1], row[2]) for row in conn.execute(TENANT_TABLES_SQL, {
-                "column": settings.db_org_column, "schemas": settings.db_schemas,
-            }).fetchall()]
+            tables = [
+                (row[1], row[2])
+                for row in conn.execute(
+                    TENANT_TABLES_SQL,
+                    {
+                        "column": settings.db_org_column,
+                        "schemas": settings.db_schemas,
+                    },
+                ).fetchall()
+            ]
     except psycopg.Error as error:
         problem = f"database unreachable: {describe_error(error)}"
-        return [inconclusive(check_id, problem, org)
-                for org in orgs for check_id in ORG_CHECKS] + [
-                inconclusive(check_id, problem) for check_id in GLOBAL_CHECKS]
+        return [
+            inconclusive(check_id, problem, org)
+            for org in orgs
+            for check_id in ORG_CHECKS
+        ] + [inconclusive(check_id, problem) for check_id in GLOBAL_CHECKS]
     if not tables:
         problem = f"no table has a {settings.db_org_column!r} column"
         return [inconclusive(check_id, problem) for check_id in GLOBAL_CHECKS]
@@ -270,13 +382,17 @@ def probe_rls_context(settings: Settings, orgs: list[str]) -> list[CheckResult]:
         per_org, without = read_all_contexts(settings, query, tables, orgs)
         reuse = read_after_reuse(settings, query, tables, orgs[0])
     except psycopg.errors.InsufficientPrivilege as error:
-        problem = (f"cannot act as the application role {settings.db_app_role!r}: "
-                   f"{describe_error(error)}; grant it to the audit role")
+        problem = (
+            f"cannot act as the application role {settings.db_app_role!r}: "
+            f"{describe_error(error)}; grant it to the audit role"
+        )
         return [inconclusive(check_id, problem) for check_id in GLOBAL_CHECKS]
     except psycopg.Error as error:
         problem = f"context probe failed: {describe_error(error)}"
         return [inconclusive(check_id, problem) for check_id in GLOBAL_CHECKS]
-    logger.info("rls: context probed for %d orgs over %d tables", len(orgs), len(tables))
+    logger.info(
+        "rls: context probed for %d orgs over %d tables", len(orgs), len(tables)
+    )
 
     checks = []
     for org in orgs:
@@ -290,8 +406,12 @@ ORG_CHECKS = ("rls.context_readback", "rls.cross_org_rows")
 GLOBAL_CHECKS = ("rls.fail_open", "rls.pool_reuse")
 
 
-def read_all_contexts(settings: Settings, query: sql.Composed,
-                      tables: list[tuple[str, str]], orgs: list[str]):
+def read_all_contexts(
+    settings: Settings,
+    query: sql.Composed,
+    tables: list[tuple[str, str]],
+    orgs: list[str],
+):
     """Read every org's context in one READ ONLY transaction, then none and empty."""
     with connect_database(settings) as conn:
         switch_to_app_role(conn, settings)
@@ -309,11 +429,17 @@ def read_all_contexts(settings: Settings, query: sql.Composed,
     return per_org, without
 
 
-def read_after_reuse(settings: Settings, query: sql.Composed,
-                     tables: list[tuple[str, str]], org: str) -> dict[str, object]:
+def read_after_reuse(
+    settings: Settings, query: sql.Composed, tables: list[tuple[str, str]], org: str
+) -> dict[str, object]:
     """Set a context on a pooled connection, return it, and read the next checkout."""
-    pool = ConnectionPool(settings.database_url.get_secret_value(), min_size=1,
-                          max_size=1, open=True, kwargs={"connect_timeout": 10})
+    pool = ConnectionPool(
+        settings.database_url.get_secret_value(),
+        min_size=1,
+        max_size=1,
+        open=True,
+        kwargs={"connect_timeout": 10},
+    )
     try:
         with pool.connection() as conn:
             switch_to_app_role(conn, settings)
@@ -325,56 +451,89 @@ def read_after_reuse(settings: Settings, query: sql.Composed,
         pool.close()
 
 
-def evaluate_org_context(settings: Settings, org: str,
-                         seen: dict[str, object]) -> list[CheckResult]:
+def evaluate_org_context(
+    settings: Settings, org: str, seen: dict[str, object]
+) -> list[CheckResult]:
     readback = seen["context"]
     if readback == org:
-        context = passed("rls.context_readback", "context reads back as the org", org,
-                         readback=readback)
+        context = passed(
+            "rls.context_readback",
+            "context reads back as the org",
+            org,
+            readback=readback,
+        )
     else:
-        context = failed("rls.context_readback", "context does not read back as the "
-                         "org", org, readback=readback)
+        context = failed(
+            "rls.context_readback",
+            "context does not read back as the org",
+            org,
+            readback=readback,
+        )
     foreign = {table: n for table, n in seen["foreign"].items() if n}
     observed = {"visible_rows": seen["visible"], "foreign_rows": foreign}
     if foreign:
-        rows = failed("rls.cross_org_rows", "other orgs' rows are visible under this "
-                      "org's context", org, **observed)
+        rows = failed(
+            "rls.cross_org_rows",
+            "other orgs' rows are visible under this org's context",
+            org,
+            **observed,
+        )
     elif not any(seen["visible"].values()):
-        rows = inconclusive("rls.cross_org_rows", "no rows visible under this org's "
-                            "context, so filtering is unproven", org, **observed)
+        rows = inconclusive(
+            "rls.cross_org_rows",
+            "no rows visible under this org's context, so filtering is unproven",
+            org,
+            **observed,
+        )
     else:
-        rows = passed("rls.cross_org_rows", "only the org's rows are visible", org,
-                      **observed)
+        rows = passed(
+            "rls.cross_org_rows", "only the org's rows are visible", org, **observed
+        )
     return [context, rows]
 
 
-def evaluate_fail_open(per_org: dict[str, dict], without: dict[str, dict]) -> CheckResult:
+def evaluate_fail_open(
+    per_org: dict[str, dict], without: dict[str, dict]
+) -> CheckResult:
     leaks = {
         mode: {table: n for table, n in seen["visible"].items() if n}
         for mode, seen in without.items()
     }
     leaks = {mode: tables for mode, tables in leaks.items() if tables}
-    populated = {table for seen in per_org.values()
-                 for table, n in seen["visible"].items() if n}
+    populated = {
+        table for seen in per_org.values() for table, n in seen["visible"].items() if n
+    }
     tables = list(next(iter(without.values()))["visible"])
     unproven = [table for table in tables if table not in populated]
     observed = {"rows_without_context": leaks, "tables_without_pilot_rows": unproven}
     if leaks:
-        return failed("rls.fail_open", "tenant rows are visible without a context",
-                      **observed)
+        return failed(
+            "rls.fail_open", "tenant rows are visible without a context", **observed
+        )
     if unproven:
-        return inconclusive("rls.fail_open", "some tenant tables have no pilot rows, "
-                            "so an empty answer proves nothing", **observed)
-    return passed("rls.fail_open", "no tenant rows without a context (unset or "
-                  "empty)", **observed)
+        return inconclusive(
+            "rls.fail_open",
+            "some tenant tables have no pilot rows, so an empty answer proves nothing",
+            **observed,
+        )
+    return passed(
+        "rls.fail_open", "no tenant rows without a context (unset or empty)", **observed
+    )
 
 
 def evaluate_reuse(org: str, seen: dict[str, object]) -> CheckResult:
     leaked = {table: n for table, n in seen["visible"].items() if n}
-    observed = {"org": org, "context_after_reuse": seen["context"],
-                "rows_after_reuse": leaked}
+    observed = {
+        "org": org,
+        "context_after_reuse": seen["context"],
+        "rows_after_reuse": leaked,
+    }
     if seen["context"] or leaked:
-        return failed("rls.pool_reuse", "a pooled connection keeps the previous org's "
-                      "context", **observed)
-    return passed("rls.pool_reuse", "a reused pooled connection has no context",
-                  **observed)
+        return failed(
+            "rls.pool_reuse",
+            "a pooled connection keeps the previous org's context",
+            **observed,
+        )
+    return passed(
+        "rls.pool_reuse", "a reused pooled connection has no context", **observed
+    )

@@ -11,8 +11,8 @@ from __future__ import annotations
 import asyncio
 
 import httpx
-from prefect.cache_policies import NO_CACHE
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from tasks.http_probes import BYPASS_HEADERS, Probe, send_probe
 from ue_pilot.checks import CheckResult, failed, inconclusive, passed
@@ -31,16 +31,28 @@ class Prober:
         self.limit = asyncio.Semaphore(settings.http_concurrency)
         self.requests = 0
 
-    async def send(self, method: str, path: str, token: str | None = None,
-                   org: str | None = None, headers: dict[str, str] | None = None,
-                   ) -> Probe:
+    async def send(
+        self,
+        method: str,
+        path: str,
+        token: str | None = None,
+        org: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Probe:
         params = {"orgId": org} if org else None
         if org and path in self.settings.export_paths:
             params["format"] = self.settings.export_format
         async with self.limit:
             self.requests += 1
-            return await send_probe(self.client, self.settings, method, path,
-                                    token=token, params=params, headers=headers)
+            return await send_probe(
+                self.client,
+                self.settings,
+                method,
+                path,
+                token=token,
+                params=params,
+                headers=headers,
+            )
 
 
 def path_variants(path: str) -> list[str]:
@@ -57,26 +69,33 @@ def path_variants(path: str) -> list[str]:
     ]
 
 
-def summarize_gate(check_id: str, probes: list[Probe], org: str | None,
-                   expected: str) -> CheckResult:
+def summarize_gate(
+    check_id: str, probes: list[Probe], org: str | None, expected: str
+) -> CheckResult:
     """Pass when every probe was closed, fail when any was served."""
     observed = {"expected": expected, "probes": [p.describe() for p in probes]}
     served = [p for p in probes if p.outcome == "allowed"]
     if served:
-        return failed(check_id, f"{len(served)} request(s) served without the gate",
-                      org, **observed)
+        return failed(
+            check_id,
+            f"{len(served)} request(s) served without the gate",
+            org,
+            **observed,
+        )
     unclear = [p for p in probes if p.outcome not in CLOSED + ("redirected",)]
     if unclear:
-        return inconclusive(check_id, "some probes failed or answered unexpectedly",
-                            org, **observed)
+        return inconclusive(
+            check_id, "some probes failed or answered unexpectedly", org, **observed
+        )
     return passed(check_id, expected, org, **observed)
 
 
 async def probe_anonymous_gates(prober: Prober, org: str) -> list[CheckResult]:
     """Probe both gate families without a session, once for the deployment."""
     settings = prober.settings
-    export_probes = [await prober.send("GET", path, org=org)
-                     for path in settings.export_paths]
+    export_probes = [
+        await prober.send("GET", path, org=org) for path in settings.export_paths
+    ]
     cross_probes = [await prober.send("GET", path) for path in settings.cross_org_paths]
 
     variant_jobs = []
@@ -87,22 +106,36 @@ async def probe_anonymous_gates(prober: Prober, org: str) -> list[CheckResult]:
         for variant in path_variants(path):
             variant_jobs.append(prober.send("GET", variant, org=target))
         for name, value in BYPASS_HEADERS.items():
-            variant_jobs.append(prober.send("GET", path, org=target,
-                                            headers={name: value}))
+            variant_jobs.append(
+                prober.send("GET", path, org=target, headers={name: value})
+            )
     variant_probes = list(await asyncio.gather(*variant_jobs))
 
     return [
-        summarize_gate("access.export_requires_auth", export_probes, None,
-                       "export routes reject requests without a session"),
-        summarize_gate("access.cross_org_requires_auth", cross_probes, None,
-                       "cross-org routes reject requests without a session"),
-        summarize_gate("access.auth_bypass", variant_probes, None,
-                       "no method, path spelling or header slips past auth"),
+        summarize_gate(
+            "access.export_requires_auth",
+            export_probes,
+            None,
+            "export routes reject requests without a session",
+        ),
+        summarize_gate(
+            "access.cross_org_requires_auth",
+            cross_probes,
+            None,
+            "cross-org routes reject requests without a session",
+        ),
+        summarize_gate(
+            "access.auth_bypass",
+            variant_probes,
+            None,
+            "no method, path spelling or header slips past auth",
+        ),
     ]
 
 
-async def probe_org_gates(prober: Prober, org: str, sessions: dict[str, dict[str, str]],
-                          other_org: str | None) -> list[CheckResult]:
+async def probe_org_gates(
+    prober: Prober, org: str, sessions: dict[str, dict[str, str]], other_org: str | None
+) -> list[CheckResult]:
     """Probe the session-bearing gates of one org."""
     settings = prober.settings
     own = sessions.get(org, {})
@@ -119,8 +152,9 @@ async def probe_org_gates(prober: Prober, org: str, sessions: dict[str, dict[str
         missing.append(f"any role of {other_org}")
     rejected_sessions: list[str] = []
 
-    async def send_as(role_label: str, method: str, path: str, token: str | None,
-                      target: str | None) -> Probe:
+    async def send_as(
+        role_label: str, method: str, path: str, token: str | None, target: str | None
+    ) -> Probe:
         probe = await prober.send(method, path, token=token, org=target)
         if probe.outcome == "unauthenticated":
             rejected_sessions.append(role_label)
@@ -130,45 +164,66 @@ async def probe_org_gates(prober: Prober, org: str, sessions: dict[str, dict[str
 
     # Another org's session must not read this org's export.
     if other_token:
-        probes = await asyncio.gather(*[
-            send_as(f"{other_org} session", "GET", path, other_token, org)
-            for path in settings.export_paths
-        ])
+        probes = await asyncio.gather(
+            *[
+                send_as(f"{other_org} session", "GET", path, other_token, org)
+                for path in settings.export_paths
+            ]
+        )
         results.append(evaluate_other_org(org, list(probes)))
     else:
-        results.append(inconclusive(
-            "access.export_rejects_other_org",
-            "no probe session of another org is configured", org))
+        results.append(
+            inconclusive(
+                "access.export_rejects_other_org",
+                "no probe session of another org is configured",
+                org,
+            )
+        )
 
     # The org's own session must read its own export, and only its own rows.
     if own_role:
-        probes = await asyncio.gather(*[
-            send_as(f"{org} {own_role}", "GET", path, own[own_role], org)
-            for path in settings.export_paths
-        ])
+        probes = await asyncio.gather(
+            *[
+                send_as(f"{org} {own_role}", "GET", path, own[own_role], org)
+                for path in settings.export_paths
+            ]
+        )
         results.extend(evaluate_own_export(org, own_role, list(probes)))
     else:
-        results.append(inconclusive("access.export_allows_own_org",
-                                    "no probe session for this org", org))
+        results.append(
+            inconclusive(
+                "access.export_allows_own_org", "no probe session for this org", org
+            )
+        )
 
     # Each role below the minimum is refused the cross-org routes.
-    role_probes = await asyncio.gather(*[
-        send_as(f"{org} {role}", "GET", path, own[role], None)
-        for role in below if role in own
-        for path in settings.cross_org_paths
-    ])
+    role_probes = await asyncio.gather(
+        *[
+            send_as(f"{org} {role}", "GET", path, own[role], None)
+            for role in below
+            if role in own
+            for path in settings.cross_org_paths
+        ]
+    )
     results.append(evaluate_role_gate(org, below, list(role_probes), missing))
 
     # The minimum role is admitted.
     if min_role in own:
-        probes = await asyncio.gather(*[
-            send_as(f"{org} {min_role}", "GET", path, own[min_role], None)
-            for path in settings.cross_org_paths
-        ])
+        probes = await asyncio.gather(
+            *[
+                send_as(f"{org} {min_role}", "GET", path, own[min_role], None)
+                for path in settings.cross_org_paths
+            ]
+        )
         results.append(evaluate_min_role(org, min_role, list(probes)))
     else:
-        results.append(inconclusive("access.cross_org_allows_min_role",
-                                    f"no probe session with role {min_role}", org))
+        results.append(
+            inconclusive(
+                "access.cross_org_allows_min_role",
+                f"no probe session with role {min_role}",
+                org,
+            )
+        )
 
     results.append(evaluate_sessions(org, missing, rejected_sessions))
     return results
@@ -179,14 +234,23 @@ def evaluate_other_org(org: str, probes: list[Probe]) -> CheckResult:
     observed = {"probes": [p.describe() for p in probes]}
     leaked = [p for p in probes if p.outcome == "allowed" and p.row_orgs.get(org)]
     if leaked:
-        return failed(check_id, "another org's session received this org's rows",
-                      org, **observed)
+        return failed(
+            check_id, "another org's session received this org's rows", org, **observed
+        )
     if any(p.outcome == "unauthenticated" for p in probes):
-        return inconclusive(check_id, "the other org's probe session was rejected "
-                            "(401), so the gate is unproven", org, **observed)
+        return inconclusive(
+            check_id,
+            "the other org's probe session was rejected (401), so the gate is unproven",
+            org,
+            **observed,
+        )
     if all(p.outcome in ("rejected", "allowed") for p in probes):
-        return passed(check_id, "another org's session is refused this org's rows",
-                      org, **observed)
+        return passed(
+            check_id,
+            "another org's session is refused this org's rows",
+            org,
+            **observed,
+        )
     return inconclusive(check_id, "some probes failed", org, **observed)
 
 
@@ -194,18 +258,27 @@ def evaluate_own_export(org: str, role: str, probes: list[Probe]) -> list[CheckR
     observed = {"role": role, "probes": [p.describe() for p in probes]}
     allowed = [p for p in probes if p.outcome == "allowed"]
     if any(p.outcome == "unauthenticated" for p in probes):
-        access = inconclusive("access.export_allows_own_org",
-                              "the org's probe session was rejected (401)", org,
-                              **observed)
+        access = inconclusive(
+            "access.export_allows_own_org",
+            "the org's probe session was rejected (401)",
+            org,
+            **observed,
+        )
     elif len(allowed) == len(probes):
-        access = passed("access.export_allows_own_org", "own export served", org,
-                        **observed)
+        access = passed(
+            "access.export_allows_own_org", "own export served", org, **observed
+        )
     elif any(p.outcome == "rejected" or (p.status or 0) >= 500 for p in probes):
-        access = failed("access.export_allows_own_org",
-                        "the org's own session is refused its export", org, **observed)
+        access = failed(
+            "access.export_allows_own_org",
+            "the org's own session is refused its export",
+            org,
+            **observed,
+        )
     else:
-        access = inconclusive("access.export_allows_own_org", "some probes failed",
-                              org, **observed)
+        access = inconclusive(
+            "access.export_allows_own_org", "some probes failed", org, **observed
+        )
 
     foreign = {
         other: count
@@ -215,32 +288,54 @@ def evaluate_own_export(org: str, role: str, probes: list[Probe]) -> list[CheckR
     }
     rows = sum(sum(p.row_orgs.values()) for p in allowed)
     if foreign:
-        ownership = failed("access.export_rows_belong_to_org",
-                           "the org's export carries other orgs' rows", org,
-                           foreign_rows=foreign, rows_sampled=rows)
+        ownership = failed(
+            "access.export_rows_belong_to_org",
+            "the org's export carries other orgs' rows",
+            org,
+            foreign_rows=foreign,
+            rows_sampled=rows,
+        )
     elif rows:
-        ownership = passed("access.export_rows_belong_to_org",
-                           "every sampled row belongs to the org", org,
-                           rows_sampled=rows)
+        ownership = passed(
+            "access.export_rows_belong_to_org",
+            "every sampled row belongs to the org",
+            org,
+            rows_sampled=rows,
+        )
     else:
-        ownership = inconclusive("access.export_rows_belong_to_org",
-                                 "no rows to check", org, rows_sampled=0)
+        ownership = inconclusive(
+            "access.export_rows_belong_to_org", "no rows to check", org, rows_sampled=0
+        )
     return [access, ownership]
 
 
-def evaluate_role_gate(org: str, below: list[str], probes: list[Probe],
-                       missing: list[str]) -> CheckResult:
+def evaluate_role_gate(
+    org: str, below: list[str], probes: list[Probe], missing: list[str]
+) -> CheckResult:
     check_id = "access.cross_org_requires_role"
     observed = {"roles_below_minimum": below, "probes": [p.describe() for p in probes]}
     if any(p.outcome == "allowed" for p in probes):
-        return failed(check_id, "a role below the minimum reached a cross-org route",
-                      org, **observed)
+        return failed(
+            check_id,
+            "a role below the minimum reached a cross-org route",
+            org,
+            **observed,
+        )
     if any(role in missing for role in below):
-        return inconclusive(check_id, "a probe session for a role below the minimum "
-                            "is missing", org, missing=missing, **observed)
+        return inconclusive(
+            check_id,
+            "a probe session for a role below the minimum is missing",
+            org,
+            missing=missing,
+            **observed,
+        )
     if any(p.outcome == "unauthenticated" for p in probes):
-        return inconclusive(check_id, "a probe session was rejected (401), so the "
-                            "role gate is unproven", org, **observed)
+        return inconclusive(
+            check_id,
+            "a probe session was rejected (401), so the role gate is unproven",
+            org,
+            **observed,
+        )
     if all(p.outcome == "rejected" for p in probes):
         return passed(check_id, "roles below the minimum are refused", org, **observed)
     return inconclusive(check_id, "some probes failed", org, **observed)
@@ -252,11 +347,13 @@ def evaluate_min_role(org: str, role: str, probes: list[Probe]) -> CheckResult:
     if all(p.outcome == "allowed" for p in probes):
         return passed(check_id, f"role {role} is admitted", org, **observed)
     if any(p.outcome == "unauthenticated" for p in probes):
-        return inconclusive(check_id, "the probe session was rejected (401)", org,
-                            **observed)
+        return inconclusive(
+            check_id, "the probe session was rejected (401)", org, **observed
+        )
     if any(p.outcome == "rejected" for p in probes):
-        return failed(check_id, f"role {role} is refused the cross-org routes", org,
-                      **observed)
+        return failed(
+            check_id, f"role {role} is refused the cross-org routes", org, **observed
+        )
     return inconclusive(check_id, "some probes failed", org, **observed)
 
 

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 import httpx
-from prefect.cache_policies import NO_CACHE
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from ue_pilot.checks import CheckResult, failed, inconclusive, passed
 from ue_pilot.clients import build_http_client
@@ -144,13 +144,18 @@ async def send_probe(
                     response.headers.get("content-type", ""),
                     settings.export_org_field,
                 )
-            return Probe(method, path, response.status_code, outcome, location,
-                         row_orgs=row_orgs)
+            return Probe(
+                method, path, response.status_code, outcome, location, row_orgs=row_orgs
+            )
     except httpx.HTTPError as error:
-        return Probe(method, path, None, "error", error=f"{type(error).__name__}: {error}")
+        return Probe(
+            method, path, None, "error", error=f"{type(error).__name__}: {error}"
+        )
 
 
-@task(name="probe-health", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE)
+@task(
+    name="probe-health", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE
+)
 async def probe_health(settings: Settings) -> list[CheckResult]:
     """Probe the readiness and health routes (runbook step 1)."""
     logger = get_run_logger()
@@ -204,8 +209,9 @@ def evaluate_health(status: int | None, body: object, error: str) -> CheckResult
     if status is None:
         return failed("health.health", "health route unreachable", **observed)
     if status == 401:
-        return inconclusive("health.health", "probe rejected by the health route",
-                            **observed)
+        return inconclusive(
+            "health.health", "probe rejected by the health route", **observed
+        )
     if status == 200 and isinstance(body, dict) and body.get("status") == "ok":
         return passed("health.health", "healthy", **observed)
     if status >= 500 or (isinstance(body, dict) and body.get("status") == "degraded"):

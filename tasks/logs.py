@@ -14,8 +14,8 @@ from string import Template
 
 from azure.core.exceptions import AzureError
 from azure.monitor.query import LogsQueryPartialResult, LogsQueryStatus
-from prefect.cache_policies import NO_CACHE
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from ue_pilot.checks import CheckResult, Status, failed, inconclusive, passed
 from ue_pilot.clients import build_logs_client, logs_call_options
@@ -26,16 +26,28 @@ from ue_pilot.settings import Settings
 # Analytics workspace.
 SCHEMAS = {
     "classic": {
-        "events": "customEvents", "metrics": "customMetrics",
-        "availability": "availabilityResults", "ts": "timestamp", "name": "name",
-        "dims": "customDimensions", "items": "itemCount", "sum": "valueSum",
-        "max": "valueMax", "success": "success",
+        "events": "customEvents",
+        "metrics": "customMetrics",
+        "availability": "availabilityResults",
+        "ts": "timestamp",
+        "name": "name",
+        "dims": "customDimensions",
+        "items": "itemCount",
+        "sum": "valueSum",
+        "max": "valueMax",
+        "success": "success",
     },
     "workspace": {
-        "events": "AppEvents", "metrics": "AppMetrics",
-        "availability": "AppAvailabilityResults", "ts": "TimeGenerated",
-        "name": "Name", "dims": "Properties", "items": "ItemCount", "sum": "Sum",
-        "max": "Max", "success": "Success",
+        "events": "AppEvents",
+        "metrics": "AppMetrics",
+        "availability": "AppAvailabilityResults",
+        "ts": "TimeGenerated",
+        "name": "Name",
+        "dims": "Properties",
+        "items": "ItemCount",
+        "sum": "Sum",
+        "max": "Max",
+        "success": "Success",
     },
 }
 
@@ -136,23 +148,34 @@ class QueryOutcome:
         return self.rows is not None and not self.problem
 
 
-def run_query(client, settings: Settings, text: str,
-              window: tuple[datetime, datetime]) -> QueryOutcome:
+def run_query(
+    client, settings: Settings, text: str, window: tuple[datetime, datetime]
+) -> QueryOutcome:
     """Run one query; a partial result or an error is never taken as data."""
     options = logs_call_options(settings)
     try:
         if settings.logs_resource_id:
             response = client.query_resource(
-                settings.logs_resource_id, text, timespan=window,
-                server_timeout=settings.logs_server_timeout_seconds, **options)
+                settings.logs_resource_id,
+                text,
+                timespan=window,
+                server_timeout=settings.logs_server_timeout_seconds,
+                **options,
+            )
         else:
             response = client.query_workspace(
-                settings.logs_workspace_id, text, timespan=window,
-                server_timeout=settings.logs_server_timeout_seconds, **options)
+                settings.logs_workspace_id,
+                text,
+                timespan=window,
+                server_timeout=settings.logs_server_timeout_seconds,
+                **options,
+            )
     except (AzureError, ValueError) as error:
         # ValueError includes the JSONDecodeError of an empty 204 answer.
-        return QueryOutcome(None, f"query failed: {type(error).__name__}: "
-                                  f"{str(error).splitlines()[0][:300]}")
+        return QueryOutcome(
+            None,
+            f"query failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}",
+        )
     if isinstance(response, LogsQueryPartialResult) or (
         response.status != LogsQueryStatus.SUCCESS
     ):
@@ -165,7 +188,9 @@ def run_query(client, settings: Settings, text: str,
     return QueryOutcome(rows)
 
 
-def run_all(settings: Settings, window: tuple[datetime, datetime]) -> dict[str, QueryOutcome]:
+def run_all(
+    settings: Settings, window: tuple[datetime, datetime]
+) -> dict[str, QueryOutcome]:
     from concurrent.futures import ThreadPoolExecutor
 
     if not (settings.logs_resource_id or settings.logs_workspace_id):
@@ -182,22 +207,33 @@ def run_all(settings: Settings, window: tuple[datetime, datetime]) -> dict[str, 
         return {key: future.result() for key, future in futures.items()}
 
 
-@task(name="query-telemetry", retries=2, retry_delay_seconds=[10, 30], cache_policy=NO_CACHE)
-def query_telemetry(settings: Settings, orgs: list[str],
-                    window: tuple[datetime, datetime]) -> list[CheckResult]:
+@task(
+    name="query-telemetry",
+    retries=2,
+    retry_delay_seconds=[10, 30],
+    cache_policy=NO_CACHE,
+)
+def query_telemetry(
+    settings: Settings, orgs: list[str], window: tuple[datetime, datetime]
+) -> list[CheckResult]:
     """Run every telemetry and monitor query once for all orgs and evaluate them."""
     logger = get_run_logger()
     outcomes = run_all(settings, window)
     for key, outcome in outcomes.items():
         if not outcome.ok:
             logger.warning("query %s: %s", key, outcome.problem)
-    logger.info("telemetry: %d queries over %s .. %s", len(outcomes),
-                window[0].isoformat(), window[1].isoformat())
+    logger.info(
+        "telemetry: %d queries over %s .. %s",
+        len(outcomes),
+        window[0].isoformat(),
+        window[1].isoformat(),
+    )
     return evaluate_telemetry(settings, orgs, outcomes)
 
 
-def evaluate_telemetry(settings: Settings, orgs: list[str],
-                       outcomes: dict[str, QueryOutcome]) -> list[CheckResult]:
+def evaluate_telemetry(
+    settings: Settings, orgs: list[str], outcomes: dict[str, QueryOutcome]
+) -> list[CheckResult]:
     """Turn query outcomes into checks, all inconclusive unless liveness holds."""
     liveness = evaluate_liveness(settings, outcomes)
     dependent = evaluate_dependent(settings, orgs, outcomes)
@@ -210,25 +246,38 @@ def evaluate_telemetry(settings: Settings, orgs: list[str],
     return [liveness] + dependent
 
 
-def evaluate_liveness(settings: Settings,
-                      outcomes: dict[str, QueryOutcome]) -> CheckResult:
+def evaluate_liveness(
+    settings: Settings, outcomes: dict[str, QueryOutcome]
+) -> CheckResult:
     check_id = "telemetry.liveness"
-    problems = [outcomes[key].problem for key in ("liveness_events", "liveness_metrics")
-                if not outcomes[key].ok]
+    problems = [
+        outcomes[key].problem
+        for key in ("liveness_events", "liveness_metrics")
+        if not outcomes[key].ok
+    ]
     if problems:
         return inconclusive(check_id, "; ".join(problems))
-    seen = {row["name"]: row["rows"] for key in ("liveness_events", "liveness_metrics")
-            for row in outcomes[key].rows if row["rows"]}
+    seen = {
+        row["name"]: row["rows"]
+        for key in ("liveness_events", "liveness_metrics")
+        for row in outcomes[key].rows
+        if row["rows"]
+    }
     expected = settings.liveness_events + settings.liveness_metrics
     missing = [name for name in expected if not seen.get(name)]
     if missing:
-        return inconclusive(check_id, "expected telemetry is not arriving: "
-                            + ", ".join(missing), seen=seen, missing=missing)
+        return inconclusive(
+            check_id,
+            "expected telemetry is not arriving: " + ", ".join(missing),
+            seen=seen,
+            missing=missing,
+        )
     return passed(check_id, "expected events and metrics are arriving", seen=seen)
 
 
-def evaluate_dependent(settings: Settings, orgs: list[str],
-                       outcomes: dict[str, QueryOutcome]) -> list[CheckResult]:
+def evaluate_dependent(
+    settings: Settings, orgs: list[str], outcomes: dict[str, QueryOutcome]
+) -> list[CheckResult]:
     checks = [evaluate_ue_metrics(outcomes["ue_metrics"])]
     checks += evaluate_cross_org(orgs, outcomes["cross_org"])
     checks += evaluate_auth(settings, orgs, outcomes["auth"])
@@ -255,9 +304,12 @@ def evaluate_cross_org(orgs: list[str], outcome: QueryOutcome) -> list[CheckResu
     outside: list[dict] = []
     for row in outcome.rows:
         attempt = {
-            "orgId": row["orgId"], "requestOrgId": row["requestOrgId"],
-            "route": row["route"], "attempts": row["attempts"],
-            "first_seen": str(row["first_seen"]), "last_seen": str(row["last_seen"]),
+            "orgId": row["orgId"],
+            "requestOrgId": row["requestOrgId"],
+            "route": row["route"],
+            "attempts": row["attempts"],
+            "first_seen": str(row["first_seen"]),
+            "last_seen": str(row["last_seen"]),
         }
         involved = {row["orgId"], row["requestOrgId"]} & by_org.keys()
         for org in involved:
@@ -269,18 +321,31 @@ def evaluate_cross_org(orgs: list[str], outcome: QueryOutcome) -> list[CheckResu
     for org, attempts in by_org.items():
         if attempts:
             total = sum(a["attempts"] for a in attempts)
-            checks.append(failed(check_id, f"{total} cross-org query attempt(s)", org,
-                                 attempts=attempts))
+            checks.append(
+                failed(
+                    check_id,
+                    f"{total} cross-org query attempt(s)",
+                    org,
+                    attempts=attempts,
+                )
+            )
         else:
             checks.append(passed(check_id, "no cross-org query attempts", org))
     if outside:
-        checks.append(failed(check_id, "cross-org query attempts outside the pilot "
-                             "orgs", None, attempts=outside))
+        checks.append(
+            failed(
+                check_id,
+                "cross-org query attempts outside the pilot orgs",
+                None,
+                attempts=outside,
+            )
+        )
     return checks
 
 
-def evaluate_auth(settings: Settings, orgs: list[str],
-                  outcome: QueryOutcome) -> list[CheckResult]:
+def evaluate_auth(
+    settings: Settings, orgs: list[str], outcome: QueryOutcome
+) -> list[CheckResult]:
     check_id = "telemetry.auth_failures"
     if not outcome.ok:
         return [inconclusive(check_id, outcome.problem, org) for org in orgs]
@@ -300,12 +365,19 @@ def evaluate_auth(settings: Settings, orgs: list[str],
             "failure_rate": round(rate, 4),
         }
         if rate > settings.auth_failure_rate_threshold:
-            checks.append(failed(check_id, f"auth failure rate {rate:.1%} above "
-                                 f"{settings.auth_failure_rate_threshold:.0%}", org,
-                                 **observed))
+            checks.append(
+                failed(
+                    check_id,
+                    f"auth failure rate {rate:.1%} above "
+                    f"{settings.auth_failure_rate_threshold:.0%}",
+                    org,
+                    **observed,
+                )
+            )
         else:
-            checks.append(passed(check_id, f"auth failure rate {rate:.1%}", org,
-                                 **observed))
+            checks.append(
+                passed(check_id, f"auth failure rate {rate:.1%}", org, **observed)
+            )
     return checks
 
 
@@ -320,24 +392,36 @@ def evaluate_volume(orgs: list[str], outcome: QueryOutcome) -> list[CheckResult]
         if count > 0:
             checks.append(passed(check_id, f"{count:g} queries", org, queryCount=count))
         else:
-            checks.append(inconclusive(
-                check_id, "no queries recorded for this org, so its telemetry "
-                "proves nothing about isolation", org, queryCount=0))
+            checks.append(
+                inconclusive(
+                    check_id,
+                    "no queries recorded for this org, so its telemetry "
+                    "proves nothing about isolation",
+                    org,
+                    queryCount=0,
+                )
+            )
     return checks
 
 
-def evaluate_monitors(settings: Settings,
-                      outcomes: dict[str, QueryOutcome]) -> list[CheckResult]:
+def evaluate_monitors(
+    settings: Settings, outcomes: dict[str, QueryOutcome]
+) -> list[CheckResult]:
     """The five alerts of the runbook's Monitoring table, with its thresholds."""
     return [
         monitor_readiness(settings, outcomes["monitor_readiness"]),
-        monitor_total("monitor.ue_rls_context_mismatch", outcomes["monitor_mismatch"],
-                      "context mismatches"),
+        monitor_total(
+            "monitor.ue_rls_context_mismatch",
+            outcomes["monitor_mismatch"],
+            "context mismatches",
+        ),
         monitor_auth_rate(settings, outcomes["monitor_auth_rate"]),
         monitor_latency(settings, outcomes["monitor_latency"]),
-        monitor_total("monitor.ue_export_unauthenticated",
-                      outcomes["monitor_export_unauthenticated"],
-                      "unauthenticated exports"),
+        monitor_total(
+            "monitor.ue_export_unauthenticated",
+            outcomes["monitor_export_unauthenticated"],
+            "unauthenticated exports",
+        ),
     ]
 
 
@@ -346,15 +430,23 @@ def monitor_readiness(settings: Settings, outcome: QueryOutcome) -> CheckResult:
     if not outcome.ok:
         return inconclusive(check_id, outcome.problem)
     if not any(row["total"] for row in outcome.rows):
-        return inconclusive(check_id, "no readiness availability results in the "
-                            f"window (test {settings.readiness_test_name!r})")
+        return inconclusive(
+            check_id,
+            "no readiness availability results in the "
+            f"window (test {settings.readiness_test_name!r})",
+        )
     worst = max(int(row["failures"]) for row in outcome.rows)
-    observed = {"max_failures_per_bin": worst,
-                "threshold": settings.readiness_failures_threshold,
-                "bin_minutes": settings.readiness_window_minutes}
+    observed = {
+        "max_failures_per_bin": worst,
+        "threshold": settings.readiness_failures_threshold,
+        "bin_minutes": settings.readiness_window_minutes,
+    }
     if worst >= settings.readiness_failures_threshold:
-        return failed(check_id, f"readiness failed {worst}x within "
-                      f"{settings.readiness_window_minutes} min", **observed)
+        return failed(
+            check_id,
+            f"readiness failed {worst}x within {settings.readiness_window_minutes} min",
+            **observed,
+        )
     return passed(check_id, "readiness probe healthy", **observed)
 
 
@@ -375,8 +467,11 @@ def monitor_auth_rate(settings: Settings, outcome: QueryOutcome) -> CheckResult:
     if not bins:
         return inconclusive(check_id, "no authentication events in the window")
     worst = max(row["failures"] / row["total"] for row in bins)
-    observed = {"max_rate": round(worst, 4), "bins": len(bins),
-                "threshold": settings.auth_failure_rate_threshold}
+    observed = {
+        "max_rate": round(worst, 4),
+        "bins": len(bins),
+        "threshold": settings.auth_failure_rate_threshold,
+    }
     if worst > settings.auth_failure_rate_threshold:
         return failed(check_id, f"auth failure rate reached {worst:.1%}", **observed)
     return passed(check_id, f"auth failure rate at most {worst:.1%}", **observed)
@@ -390,9 +485,11 @@ def monitor_latency(settings: Settings, outcome: QueryOutcome) -> CheckResult:
     if not bins:
         return inconclusive(check_id, "no proxy latency measurements in the window")
     worst = max(float(row["p99"]) for row in bins)
-    observed = {"max_p99_ms": round(worst, 1), "bins": len(bins),
-                "threshold_ms": settings.proxy_latency_p99_threshold_ms}
+    observed = {
+        "max_p99_ms": round(worst, 1),
+        "bins": len(bins),
+        "threshold_ms": settings.proxy_latency_p99_threshold_ms,
+    }
     if worst > settings.proxy_latency_p99_threshold_ms:
-        return failed(check_id, f"proxy latency p99 reached {worst:.0f} ms",
-                      **observed)
+        return failed(check_id, f"proxy latency p99 reached {worst:.0f} ms", **observed)
     return passed(check_id, f"proxy latency p99 at most {worst:.0f} ms", **observed)

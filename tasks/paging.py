@@ -12,8 +12,8 @@ import asyncio
 
 import httpx
 import redis
-from prefect.cache_policies import NO_CACHE
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from ue_pilot.checks import CheckResult, Status
 from ue_pilot.clients import build_redis
@@ -42,12 +42,17 @@ def build_event(settings: Settings, action: str, check: CheckResult) -> dict:
     if action == "trigger":
         scope = f"org {check.org}" if check.org else "deployment"
         event["payload"] = {
-            "summary": f"UE pilot {check.id} failed for {scope}: {check.summary}"[:1024],
+            "summary": f"UE pilot {check.id} failed for {scope}: {check.summary}"[
+                :1024
+            ],
             "source": settings.pagerduty_source,
             "severity": severity(check),
             "component": check.id,
-            "custom_details": {"org": check.org, "check": check.id,
-                               "observed": check.observed},
+            "custom_details": {
+                "org": check.org,
+                "check": check.id,
+                "observed": check.observed,
+            },
         }
     return event
 
@@ -65,7 +70,7 @@ async def send_event(client: httpx.AsyncClient, url: str, event: dict) -> str:
             if response.status_code not in RETRY_STATUSES:
                 return f"rejected: HTTP {response.status_code} {response.text[:200]}"
             outcome = f"HTTP {response.status_code}"
-        await asyncio.sleep(min(2 ** attempt, 30))
+        await asyncio.sleep(min(2**attempt, 30))
     return f"gave up after {MAX_ATTEMPTS} attempts ({outcome})"
 
 
@@ -82,19 +87,26 @@ async def escalate(settings: Settings, checks: list[CheckResult]) -> dict[str, o
     try:
         already_open = set(store.smembers(open_key))
     except redis.RedisError as error:
-        logger.warning("open incidents unknown (%s); no resolves this run",
-                       type(error).__name__)
+        logger.warning(
+            "open incidents unknown (%s); no resolves this run", type(error).__name__
+        )
         already_open, store = set(), None
 
     events = [("trigger", c) for c in checks if c.status == Status.FAIL]
-    events += [("resolve", c) for c in checks
-               if c.status == Status.PASS and dedup_key(c) in already_open]
+    events += [
+        ("resolve", c)
+        for c in checks
+        if c.status == Status.PASS and dedup_key(c) in already_open
+    ]
     limit = asyncio.Semaphore(8)
 
     async def deliver(client, action, check):
         async with limit:
-            return await send_event(client, settings.pagerduty_events_url,
-                                    build_event(settings, action, check))
+            return await send_event(
+                client,
+                settings.pagerduty_events_url,
+                build_event(settings, action, check),
+            )
 
     async with httpx.AsyncClient(timeout=15, trust_env=False) as client:
         outcomes = await asyncio.gather(*[deliver(client, a, c) for a, c in events])
@@ -103,8 +115,9 @@ async def escalate(settings: Settings, checks: list[CheckResult]) -> dict[str, o
     for (action, check), outcome in zip(events, outcomes):
         key = dedup_key(check)
         if outcome != "sent":
-            summary["errors"].append({"dedup_key": key, "action": action,
-                                      "outcome": outcome})
+            summary["errors"].append(
+                {"dedup_key": key, "action": action, "outcome": outcome}
+            )
             logger.error("paging %s %s: %s", action, key, outcome)
             continue
         summary["triggered" if action == "trigger" else "resolved"].append(key)
@@ -116,7 +129,10 @@ async def escalate(settings: Settings, checks: list[CheckResult]) -> dict[str, o
                 store.srem(open_key, *summary["resolved"])
         except redis.RedisError as error:
             logger.warning("could not record open incidents: %s", type(error).__name__)
-    logger.info("paging: %d triggered, %d resolved, %d errors",
-                len(summary["triggered"]), len(summary["resolved"]),
-                len(summary["errors"]))
+    logger.info(
+        "paging: %d triggered, %d resolved, %d errors",
+        len(summary["triggered"]),
+        len(summary["resolved"]),
+        len(summary["errors"]),
+    )
     return summary

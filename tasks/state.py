@@ -3,11 +3,11 @@ incidents)."""
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import redis
-from prefect.cache_policies import NO_CACHE
 from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 
 from ue_pilot.checks import CheckResult, failed, passed
 from ue_pilot.clients import build_redis
@@ -20,8 +20,10 @@ def ping_redis(settings: Settings) -> CheckResult:
     try:
         build_redis(settings).ping()
     except redis.RedisError as error:
-        return failed("health.redis", f"Redis unreachable: {type(error).__name__}: "
-                      f"{str(error)[:200]}")
+        return failed(
+            "health.redis",
+            f"Redis unreachable: {type(error).__name__}: {str(error)[:200]}",
+        )
     return passed("health.redis", "Redis answers PING")
 
 
@@ -38,14 +40,16 @@ def plan_window(settings: Settings) -> tuple[datetime, datetime]:
     plus the overlap; the start never reaches back past the maximum lookback.
     """
     logger = get_run_logger()
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     overlap = timedelta(minutes=settings.window_overlap_minutes)
     start = now - timedelta(minutes=settings.window_minutes) - overlap
     try:
         previous = build_redis(settings).get(window_key(settings))
     except redis.RedisError as error:
-        logger.warning("window state unavailable (%s); using the default window",
-                       type(error).__name__)
+        logger.warning(
+            "window state unavailable (%s); using the default window",
+            type(error).__name__,
+        )
         previous = None
     if previous:
         start = min(start, datetime.fromisoformat(previous) - overlap)
@@ -58,5 +62,6 @@ def record_window(settings: Settings, end: datetime) -> None:
     try:
         build_redis(settings).set(window_key(settings), end.isoformat())
     except redis.RedisError as error:
-        get_run_logger().warning("could not record the window end: %s",
-                                 type(error).__name__)
+        get_run_logger().warning(
+            "could not record the window end: %s", type(error).__name__
+        )

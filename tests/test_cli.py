@@ -45,8 +45,11 @@ def test_no_pilot_orgs_is_usage_error(runner):
     assert "UE_PILOT_ORG_IDS" in result.output
 
 
-@pytest.mark.parametrize("org", ["", "..", "org_*", "org_" + "x" * 80],
-                         ids=["empty", "dots", "wildcard", "too-long"])
+@pytest.mark.parametrize(
+    "org",
+    ["", "..", "org_*", "org_" + "x" * 80],
+    ids=["empty", "dots", "wildcard", "too-long"],
+)
 def test_bad_org_is_usage_error(runner, monkeypatch, org):
     """A bad --org value is rejected before anything runs."""
     monkeypatch.setenv("UE_PILOT_ORG_IDS", "org_a1")
@@ -73,11 +76,18 @@ def test_bad_setting_is_usage_error(runner, monkeypatch):
 
 
 def run_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("UE_", "PREFECT_API"))}
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("UE_", "PREFECT_API"))
+    }
     env["PREFECT_HOME"] = str(tmp_path / "prefect")
-    return subprocess.run(CLI + list(args), capture_output=True, text=True,
-                          env=env, timeout=300, cwd=tmp_path)
+    return subprocess.run(
+        CLI + list(args),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        cwd=tmp_path,
+    )
 
 
 def test_sandbox_audit_json(tmp_path):
@@ -91,8 +101,9 @@ def test_sandbox_audit_json(tmp_path):
 
 def test_sandbox_fault_exit_status(tmp_path):
     """A failing audit exits 1 and its summary names the failing check."""
-    result = run_cli("audit", "--sandbox", "--fault", "rls-fail-open",
-                     tmp_path=tmp_path)
+    result = run_cli(
+        "audit", "--sandbox", "--fault", "rls-fail-open", tmp_path=tmp_path
+    )
     assert result.returncode == 1, result.stderr[-2000:]
     assert "Isolation audit: FAIL" in result.stdout
     assert "rls.fail_open" in result.stdout
@@ -100,7 +111,8 @@ def test_sandbox_fault_exit_status(tmp_path):
 
 def test_inconclusive_exit_status(tmp_path):
     """An audit without telemetry exits 3."""
-    result = run_cli("audit", "--sandbox", "--fault", "no-telemetry", "--json",
-                     tmp_path=tmp_path)
+    result = run_cli(
+        "audit", "--sandbox", "--fault", "no-telemetry", "--json", tmp_path=tmp_path
+    )
     assert result.returncode == 3, result.stderr[-2000:]
     assert json.loads(result.stdout)["verdict"] == "inconclusive"

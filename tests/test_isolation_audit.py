@@ -17,22 +17,31 @@ from ue_pilot.sandbox.servers import find_free_port
 # Each fault and the checks that must catch it. The audit must report the
 # expected status on at least one of the listed checks, and never pass.
 FAULT_CASES = [
-    ("export-no-auth", "fail", ["access.export_requires_auth",
-                                "monitor.ue_export_unauthenticated"]),
+    (
+        "export-no-auth",
+        "fail",
+        ["access.export_requires_auth", "monitor.ue_export_unauthenticated"],
+    ),
     ("export-ignores-org", "fail", ["access.export_rejects_other_org"]),
     ("cross-org-no-role-gate", "fail", ["access.cross_org_requires_role"]),
     ("rls-disabled", "fail", ["rls.enabled_forced", "rls.fail_open"]),
     ("rls-not-forced", "fail", ["rls.enabled_forced", "rls.app_role"]),
     ("rls-fail-open", "fail", ["rls.fail_open"]),
     ("rls-session-set", "fail", ["rls.pool_reuse"]),
-    ("cross-org-events", "fail", ["telemetry.cross_org_events",
-                                  "monitor.ue_rls_context_mismatch"]),
+    (
+        "cross-org-events",
+        "fail",
+        ["telemetry.cross_org_events", "monitor.ue_rls_context_mismatch"],
+    ),
     ("no-telemetry", "inconclusive", ["telemetry.liveness"]),
     ("readiness-down", "fail", ["health.ready", "monitor.ue_pilot_health_degraded"]),
     ("ready-requires-auth", "inconclusive", ["health.ready"]),
     ("slow-proxy", "fail", ["monitor.ue_django_proxy_latency_p99"]),
-    ("auth-failure-storm", "fail", ["monitor.ue_auth_failure_rate",
-                                    "telemetry.auth_failures"]),
+    (
+        "auth-failure-storm",
+        "fail",
+        ["monitor.ue_auth_failure_rate", "telemetry.auth_failures"],
+    ),
     ("logs-partial", "inconclusive", ["telemetry.liveness"]),
 ]
 
@@ -61,8 +70,11 @@ def clean_result(prefect_server, clean_sandbox):
 
 def test_clean_sandbox_passes(clean_result):
     """A sandbox without faults passes every check."""
-    problems = [(c["id"], c["org"], c["summary"]) for c in clean_result["checks"]
-                if c["status"] != "pass"]
+    problems = [
+        (c["id"], c["org"], c["summary"])
+        for c in clean_result["checks"]
+        if c["status"] != "pass"
+    ]
     assert problems == []
     assert clean_result["verdict"] == "pass"
 
@@ -70,8 +82,9 @@ def test_clean_sandbox_passes(clean_result):
 def test_clean_sandbox_covers_every_org(clean_result, clean_sandbox):
     """Per-org checks appear once for each pilot org."""
     orgs = clean_sandbox.env["UE_PILOT_ORG_IDS"].split(",")
-    seen = {c["org"] for c in clean_result["checks"]
-            if c["id"] == "rls.context_readback"}
+    seen = {
+        c["org"] for c in clean_result["checks"] if c["id"] == "rls.context_readback"
+    }
     assert seen == set(orgs)
 
 
@@ -86,15 +99,17 @@ def test_result_has_no_secret(clean_result, clean_sandbox):
             assert token not in text
 
 
-@pytest.mark.parametrize("fault,expected,check_ids", FAULT_CASES,
-                         ids=[case[0] for case in FAULT_CASES])
+@pytest.mark.parametrize(
+    "fault,expected,check_ids", FAULT_CASES, ids=[case[0] for case in FAULT_CASES]
+)
 def test_fault_is_caught(prefect_server, ue_env, fault, expected, check_ids):
     """Each sandbox fault turns the verdict and names a check that catches it."""
     with SandboxProcess(orgs=3, faults=[fault]) as sandbox:
         ue_env(sandbox.env)
         result = isolation_audit()
-    caught = [check_id for check_id in check_ids
-              if expected in statuses(result, check_id)]
+    caught = [
+        check_id for check_id in check_ids if expected in statuses(result, check_id)
+    ]
     assert result["verdict"] == expected
     assert caught, f"none of {check_ids} reported {expected}"
 
@@ -105,11 +120,15 @@ def test_failure_pages_critical(prefect_server, ue_env):
         ue_env(sandbox.env)
         isolation_audit()
         events_url = sandbox.env["UE_PAGERDUTY_EVENTS_URL"].replace(
-            "/v2/enqueue", "/sandbox/events")
+            "/v2/enqueue", "/sandbox/events"
+        )
         events = httpx.get(events_url).json()
     keys = {e["dedup_key"] for e in events if e["event_action"] == "trigger"}
-    severities = {e["payload"]["severity"] for e in events
-                  if e["dedup_key"].endswith("access.cross_org_requires_role")}
+    severities = {
+        e["payload"]["severity"]
+        for e in events
+        if e["dedup_key"].endswith("access.cross_org_requires_role")
+    }
     assert "ue-pilot/org_sandbox0001/access.cross_org_requires_role" in keys
     assert severities == {"critical"}
 
@@ -175,8 +194,11 @@ def test_evidence_artifacts(prefect_server, ue_env, clean_sandbox):
     artifacts = read_artifacts(state.state_details.flow_run_id)
     report = artifacts["isolation-audit-report"]
     table = artifacts["isolation-audit-checks"]
-    tokens = [t for roles in json.loads(clean_sandbox.env["UE_PROBE_SESSIONS"]).values()
-              for t in roles.values()]
+    tokens = [
+        t
+        for roles in json.loads(clean_sandbox.env["UE_PROBE_SESSIONS"]).values()
+        for t in roles.values()
+    ]
     assert "- [x] Export routes return 401 without auth" in report
     assert "- [ ] Monitoring alerts fire on test trigger" in report
     assert "rls.fail_open" in table
@@ -197,6 +219,9 @@ def read_artifacts(flow_run_id) -> dict[str, str]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])))
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[flow_run_id])
+            )
+        )
     return {a.key: str(a.data) for a in artifacts}

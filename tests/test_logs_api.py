@@ -21,7 +21,7 @@ RESOURCE_ID = (
     "/subscriptions/00000000-0000-4000-8000-000000000001/resourceGroups/ue-pilot"
     "/providers/microsoft.insights/components/ue-web"
 )
-NOW = dt.datetime.now(dt.timezone.utc)
+NOW = dt.datetime.now(dt.UTC)
 OLD = NOW - dt.timedelta(days=3)
 LAST_DAY = dt.timedelta(days=1)
 
@@ -432,32 +432,32 @@ def test_stats_counts_queries(server, client):
         pytest.param(
             "2024-05-01T00:00:00Z/2024-05-02T00:00:00Z",
             (
-                dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc),
-                dt.datetime(2024, 5, 2, tzinfo=dt.timezone.utc),
+                dt.datetime(2024, 5, 1, tzinfo=dt.UTC),
+                dt.datetime(2024, 5, 2, tzinfo=dt.UTC),
             ),
             id="start_end",
         ),
         pytest.param(
             "2024-05-01T00:00:00.000Z/PT3600.0S",
             (
-                dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc),
-                dt.datetime(2024, 5, 1, 1, tzinfo=dt.timezone.utc),
+                dt.datetime(2024, 5, 1, tzinfo=dt.UTC),
+                dt.datetime(2024, 5, 1, 1, tzinfo=dt.UTC),
             ),
             id="start_duration",
         ),
         pytest.param(
             "PT1H/2024-05-01T01:00:00Z",
             (
-                dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc),
-                dt.datetime(2024, 5, 1, 1, tzinfo=dt.timezone.utc),
+                dt.datetime(2024, 5, 1, tzinfo=dt.UTC),
+                dt.datetime(2024, 5, 1, 1, tzinfo=dt.UTC),
             ),
             id="duration_end",
         ),
         pytest.param(
             "P1D",
             (
-                dt.datetime(2024, 4, 30, tzinfo=dt.timezone.utc),
-                dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc),
+                dt.datetime(2024, 4, 30, tzinfo=dt.UTC),
+                dt.datetime(2024, 5, 1, tzinfo=dt.UTC),
             ),
             id="duration",
         ),
@@ -465,6 +465,6 @@ def test_stats_counts_queries(server, client):
 )
 def test_parse_timespan(text, expected):
     """parse_timespan reads each ISO 8601 interval form the client sends."""
-    now = dt.datetime(2024, 5, 1, tzinfo=dt.timezone.utc)
+    now = dt.datetime(2024, 5, 1, tzinfo=dt.UTC)
 
     assert parse_timespan(text, now) == expected

@@ -21,8 +21,10 @@ def test_defaults_are_runbook_values():
     assert settings.tenant_setting == "app.org_id"
     assert settings.cross_org_min_role == "admin"
     assert settings.export_paths == ["/api/v2/rewards/export", "/api/v2/tax/cra/export"]
-    assert settings.cross_org_paths == ["/api/analytics/cross-org",
-                                        "/api/analytics/cross-tenant"]
+    assert settings.cross_org_paths == [
+        "/api/analytics/cross-org",
+        "/api/analytics/cross-tenant",
+    ]
 
 
 def test_org_list_from_commas(monkeypatch):

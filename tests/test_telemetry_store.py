@@ -12,7 +12,7 @@ from ue_pilot.sandbox.telemetry import KqlQueryError, TelemetryStore
 
 # All fresh rows lie within four minutes after BASE, so one 5-minute bin and one
 # 1-hour bin hold each series. BASE is on the hour and one hour in the past.
-BASE = dt.datetime.now(dt.timezone.utc).replace(
+BASE = dt.datetime.now(dt.UTC).replace(
     minute=0, second=0, microsecond=0
 ) - dt.timedelta(hours=1)
 OLD = BASE - dt.timedelta(days=3)

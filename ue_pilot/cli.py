@@ -20,7 +20,10 @@ EXIT_CODES = {"pass": 0, "fail": 1, "inconclusive": 3}
 EXIT_USAGE = 2
 
 fault_option = click.option(
-    "--fault", "faults", multiple=True, type=click.Choice(sorted(FAULTS)),
+    "--fault",
+    "faults",
+    multiple=True,
+    type=click.Choice(sorted(FAULTS)),
     help="Sandbox fault to switch on (repeatable).",
 )
 
@@ -37,8 +40,10 @@ def load_settings():
     try:
         return Settings()
     except ValidationError as error:
-        lines = [f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
-                 for e in error.errors()]
+        lines = [
+            f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}"
+            for e in error.errors()
+        ]
         raise click.UsageError("invalid UE_ settings:\n" + "\n".join(lines)) from None
 
 
@@ -49,21 +54,43 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--sandbox", is_flag=True,
-              help="Start the bundled sandbox pilot for this run and audit it.")
+@click.option(
+    "--sandbox",
+    is_flag=True,
+    help="Start the bundled sandbox pilot for this run and audit it.",
+)
 @fault_option
-@click.option("--org", "orgs", multiple=True,
-              help="Audit only this pilot org (repeatable). Default: every pilot org.")
-@click.option("--sandbox-orgs", default=3, show_default=True, type=click.IntRange(1),
-              help="Number of orgs the sandbox seeds.")
-@click.option("--json", "as_json", is_flag=True,
-              help='Print one JSON object {"verdict", "checks"} instead of a summary.')
-def audit(sandbox: bool, faults: tuple[str, ...], orgs: tuple[str, ...],
-          sandbox_orgs: int, as_json: bool) -> None:
+@click.option(
+    "--org",
+    "orgs",
+    multiple=True,
+    help="Audit only this pilot org (repeatable). Default: every pilot org.",
+)
+@click.option(
+    "--sandbox-orgs",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Number of orgs the sandbox seeds.",
+)
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print one JSON object {"verdict", "checks"} instead of a summary.',
+)
+def audit(
+    sandbox: bool,
+    faults: tuple[str, ...],
+    orgs: tuple[str, ...],
+    sandbox_orgs: int,
+    as_json: bool,
+) -> None:
     """Run the isolation audit once and print its verdict."""
     if faults and not sandbox:
-        raise click.UsageError("--fault needs --sandbox: faults exist only in the "
-                               "bundled sandbox")
+        raise click.UsageError(
+            "--fault needs --sandbox: faults exist only in the bundled sandbox"
+        )
     keep_prefect_local()
     from ue_pilot.sandbox.runner import SandboxProcess, SandboxStartError
 
@@ -94,10 +121,13 @@ def run_audit(orgs: list[str], as_json: bool) -> int:
 
     result = isolation_audit(orgs=orgs or None)
     if as_json:
-        checks = [{key: check[key] for key in ("id", "org", "status", "observed")}
-                  for check in result["checks"]]
-        click.echo(json.dumps({"verdict": result["verdict"], "checks": checks},
-                              default=str))
+        checks = [
+            {key: check[key] for key in ("id", "org", "status", "observed")}
+            for check in result["checks"]
+        ]
+        click.echo(
+            json.dumps({"verdict": result["verdict"], "checks": checks}, default=str)
+        )
     else:
         click.echo(render_summary(result))
     return EXIT_CODES[result["verdict"]]
@@ -117,15 +147,18 @@ def render_summary(result: dict) -> str:
         by_id.setdefault(check["id"], Counter())[check["status"]] += 1
     width = max(len(check_id) for check_id in by_id)
     for check_id, counts in by_id.items():
-        parts = [f"{counts[s]} {s}" for s in ("pass", "fail", "inconclusive") if counts[s]]
+        parts = [
+            f"{counts[s]} {s}" for s in ("pass", "fail", "inconclusive") if counts[s]
+        ]
         lines.append(f"  {check_id:<{width}}  {', '.join(parts)}")
     problems = [c for c in checks if c["status"] != "pass"]
     if problems:
         lines += ["", "Not passing:"]
         for check in problems[:40]:
             scope = check["org"] or "deployment"
-            lines.append(f"  {check['status']:<12} {check['id']} ({scope}): "
-                         f"{check['summary']}")
+            lines.append(
+                f"  {check['status']:<12} {check['id']} ({scope}): {check['summary']}"
+            )
         if len(problems) > 40:
             lines.append(f"  ... and {len(problems) - 40} more (use --json)")
     return "\n".join(lines)
@@ -137,8 +170,13 @@ def sandbox() -> None:
 
 
 @sandbox.command("up")
-@click.option("--orgs", default=3, show_default=True, type=click.IntRange(1),
-              help="Number of orgs to seed.")
+@click.option(
+    "--orgs",
+    default=3,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Number of orgs to seed.",
+)
 @fault_option
 def sandbox_up(orgs: int, faults: tuple[str, ...]) -> None:
     """Run the sandbox in the foreground and print the UE_ settings pointing at it."""

@@ -71,7 +71,9 @@ def build_logs_client(settings: Settings) -> LogsQueryClient:
                 f"UE_LOGS_ENDPOINT (got {settings.logs_endpoint!r}); use "
                 "UE_LOGS_AUTH=default against Azure"
             )
-        credential = StaticTokenCredential(settings.logs_static_token.get_secret_value())
+        credential = StaticTokenCredential(
+            settings.logs_static_token.get_secret_value()
+        )
     else:
         from azure.identity import DefaultAzureCredential
 

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
-from typing_extensions import Annotated
 
 from ue_pilot.orgids import validate_org_id
 
@@ -68,7 +67,10 @@ class Settings(BaseSettings):
         "org_id", description="Column or field of an exported row naming its org."
     )
     cross_org_paths: Annotated[list[str], NoDecode] = Field(
-        default_factory=lambda: ["/api/analytics/cross-org", "/api/analytics/cross-tenant"],
+        default_factory=lambda: [
+            "/api/analytics/cross-org",
+            "/api/analytics/cross-tenant",
+        ],
     )
     role_hierarchy: Annotated[list[str], NoDecode] = Field(
         default_factory=lambda: ["member", "admin", "owner"],
@@ -140,9 +142,13 @@ class Settings(BaseSettings):
         description="Connection URL of the read-only audit role.",
     )
     db_app_role: str = Field("ue_app", description="Role the application connects as.")
-    tenant_setting: str = Field("app.org_id", description="Tenant context setting name.")
+    tenant_setting: str = Field(
+        "app.org_id", description="Tenant context setting name."
+    )
     db_org_column: str = Field("org_id", description="Column naming a row's org.")
-    db_schemas: Annotated[list[str], NoDecode] = Field(default_factory=lambda: ["public"])
+    db_schemas: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["public"]
+    )
     rls_context_sql: str = Field(
         "SELECT set_config(%(setting)s, %(org)s, true)",
         description="Statement the application sets the tenant context with.",
@@ -182,7 +188,7 @@ class Settings(BaseSettings):
         return value.rstrip("/")
 
     @model_validator(mode="after")
-    def _check_consistency(self) -> "Settings":
+    def _check_consistency(self) -> Settings:
         for org_id in self.pilot_org_ids:
             validate_org_id(org_id, self.org_id_pattern)
         if self.cross_org_min_role not in self.role_hierarchy:
@@ -190,8 +196,9 @@ class Settings(BaseSettings):
                 f"UE_CROSS_ORG_MIN_ROLE={self.cross_org_min_role!r} is not in "
                 f"UE_ROLE_HIERARCHY={self.role_hierarchy}; add it or pick one of them"
             )
-        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$",
-                        self.tenant_setting):
+        if not re.match(
+            r"^[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*$", self.tenant_setting
+        ):
             raise ValueError(
                 f"invalid UE_TENANT_SETTING {self.tenant_setting!r}: expected a "
                 "custom setting name such as app.org_id"
@@ -226,5 +233,7 @@ class Settings(BaseSettings):
         data = self.model_dump(mode="json")
         for name, field in type(self).model_fields.items():
             if field.annotation is SecretStr:
-                data[name] = "(secret)" if getattr(self, name).get_secret_value() else ""
+                data[name] = (
+                    "(secret)" if getattr(self, name).get_secret_value() else ""
+                )
         return data

@@ -191,7 +191,7 @@ def parse_timespan(
     """
     if not text:
         return None, None
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     parts = text.split("/")
     if len(parts) == 1:
         return now - isodate.parse_duration(parts[0]), now
@@ -212,8 +212,8 @@ def _parse_instant(text: str) -> dt.datetime:
     """Parse an ISO 8601 date and time, taking a value without an offset as UTC."""
     instant = isodate.parse_datetime(text)
     if instant.tzinfo is None:
-        return instant.replace(tzinfo=dt.timezone.utc)
-    return instant.astimezone(dt.timezone.utc)
+        return instant.replace(tzinfo=dt.UTC)
+    return instant.astimezone(dt.UTC)
 
 
 def _check_token(request: Request, token: str) -> None:

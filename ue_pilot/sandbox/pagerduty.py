@@ -171,7 +171,7 @@ class _EventsService:
         """Store the event without its routing key and update its incident."""
         stored = {key: value for key, value in event.items() if key != "routing_key"}
         stored["dedup_key"] = dedup_key
-        stored["received_at"] = dt.datetime.now(dt.timezone.utc).isoformat()
+        stored["received_at"] = dt.datetime.now(dt.UTC).isoformat()
         self.events.append(stored)
 
         action = event["event_action"]

@@ -19,7 +19,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 from ue_pilot.sandbox.app import SessionRegistry, create_ue_app
@@ -81,7 +81,7 @@ class Sandbox:
         self.telemetry = TelemetryStore()
         self.telemetry.enabled = "no-telemetry" not in faults
         seed_history(self.telemetry, org_ids, faults,
-                     now=datetime.now(timezone.utc), minutes=HISTORY_MINUTES)
+                     now=datetime.now(UTC), minutes=HISTORY_MINUTES)
         self.traffic = TrafficGenerator(self.telemetry, org_ids, faults)
         self.traffic.start()
 
@@ -191,7 +191,7 @@ class SandboxProcess:
         self._log.close()
         self._dir.cleanup()
 
-    def __enter__(self) -> "SandboxProcess":
+    def __enter__(self) -> SandboxProcess:
         return self
 
     def __exit__(self, *exc_info: object) -> None:

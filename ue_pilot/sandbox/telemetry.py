@@ -458,7 +458,7 @@ _NON_FINITE = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity"}
 def _format_datetime(value: dt.datetime) -> str:
     """Format as ISO 8601 UTC with a trailing Z, taking a naive value as UTC."""
     if value.tzinfo is not None:
-        value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+        value = value.astimezone(dt.UTC).replace(tzinfo=None)
     text = value.isoformat(timespec="microseconds" if value.microsecond else "seconds")
     return f"{text}Z"
 
@@ -479,10 +479,10 @@ def _format_timespan(value: dt.timedelta) -> str:
 def _utc(timestamp: dt.datetime | None) -> dt.datetime:
     """Return `timestamp` in UTC, or now when None, taking a naive value as UTC."""
     if timestamp is None:
-        return dt.datetime.now(dt.timezone.utc)
+        return dt.datetime.now(dt.UTC)
     if timestamp.tzinfo is None:
-        return timestamp.replace(tzinfo=dt.timezone.utc)
-    return timestamp.astimezone(dt.timezone.utc)
+        return timestamp.replace(tzinfo=dt.UTC)
+    return timestamp.astimezone(dt.UTC)
 
 
 def _utc_or_none(timestamp: dt.datetime | None) -> dt.datetime | None:
