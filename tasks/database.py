@@ -305,7 +305,7 @@ def check_default_context(settings: Settings, defaults) -> CheckResult:
 
 
 def count_query(settings: Settings, tables: list[tuple[str, str]]) -> sql.Composed:
-    """One statement reading the context and, per table, visible and foreign rows."""
+    """Build one statement reading the context and each table's visible and foreign rows."""
     column = sql.Identifier(settings.db_org_column)
     parts = [
         sql.SQL("current_setting({}, true)").format(

@@ -1,9 +1,9 @@
 """Probes of the auth gates of the export and cross-org routes, for every org.
 
 Runbook: "Confirm export routes require auth" and "Verify cross-org routes".
-A rejection proves a gate is closed only when the probe session used for it
-was accepted: a 401 to a request carrying a session means the server did not
-accept the session, and every gate would look closed with a dead session.
+A rejection proves a gate is closed only when the server accepted the probe
+session used for it. A 401 to a request carrying a session means the server
+rejected the session itself, and with a dead session every gate looks closed.
 """
 
 from __future__ import annotations

@@ -77,7 +77,7 @@ def classify(status: int, location: str, has_body: bool, method: str) -> str:
     if 300 <= status < 400:
         return "rejected" if is_login_redirect(location) else "redirected"
     if 200 <= status < 300:
-        # A CORS preflight answer carries no data; anything else served is access.
+        # A CORS preflight response carries no data. Anything else served is access.
         if method == "OPTIONS" and not has_body:
             return "rejected"
         return "allowed"

@@ -171,7 +171,7 @@ def run_query(
                 **options,
             )
     except (AzureError, ValueError) as error:
-        # ValueError includes the JSONDecodeError of an empty 204 answer.
+        # ValueError includes the JSONDecodeError that an empty 204 response raises.
         return QueryOutcome(
             None,
             f"query failed: {type(error).__name__}: {str(error).splitlines()[0][:300]}",
@@ -407,7 +407,7 @@ def evaluate_volume(orgs: list[str], outcome: QueryOutcome) -> list[CheckResult]
 def evaluate_monitors(
     settings: Settings, outcomes: dict[str, QueryOutcome]
 ) -> list[CheckResult]:
-    """The five alerts of the runbook's Monitoring table, with its thresholds."""
+    """Evaluate the five alerts of the runbook's Monitoring table, with its thresholds."""
     return [
         monitor_readiness(settings, outcomes["monitor_readiness"]),
         monitor_total(

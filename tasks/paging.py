@@ -19,8 +19,8 @@ from ue_pilot.checks import CheckResult, Status
 from ue_pilot.clients import build_redis
 from ue_pilot.settings import Settings
 
-# PagerDuty answers 400 to an invalid event, which a retry cannot fix; 429 and
-# 5xx are worth retrying.
+# PagerDuty returns 400 for an invalid event, which a retry cannot fix, while 429
+# and 5xx are worth retrying.
 RETRY_STATUSES = {429, 500, 502, 503, 504}
 MAX_ATTEMPTS = 4
 

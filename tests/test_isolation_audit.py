@@ -168,7 +168,7 @@ def test_next_pass_resolves_incident(prefect_server, ue_env, clean_sandbox):
 
 
 def test_unreachable_app_fails_clearly(prefect_server, ue_env, clean_sandbox):
-    """An application that does not answer fails health with the reason."""
+    """An unreachable application fails health with the reason."""
     ue_env(dict(clean_sandbox.env, UE_BASE_URL=f"http://127.0.0.1:{find_free_port()}"))
     result = isolation_audit()
     ready = [c for c in result["checks"] if c["id"] == "health.ready"][0]

@@ -134,7 +134,7 @@ def run_audit(orgs: list[str], as_json: bool) -> int:
 
 
 def render_summary(result: dict) -> str:
-    """A readable summary: the verdict, then each check id with its outcomes."""
+    """Render the verdict, then each check id with its outcomes."""
     checks = result["checks"]
     lines = [
         f"Isolation audit: {result['verdict'].upper()}",
@@ -166,7 +166,7 @@ def render_summary(result: dict) -> str:
 
 @main.group()
 def sandbox() -> None:
-    """The bundled sandbox pilot: every service the audit talks to, on 127.0.0.1."""
+    """Run the bundled sandbox pilot: every service the audit talks to, on 127.0.0.1."""
 
 
 @sandbox.command("up")

@@ -86,7 +86,7 @@ def build_logs_client(settings: Settings) -> LogsQueryClient:
 
 
 def logs_call_options(settings: Settings) -> dict[str, object]:
-    """Per-call options: azure-core sends bearer tokens over http only when told to."""
+    """Return per-call options: azure-core rejects bearer tokens over http by default."""
     if settings.logs_endpoint.startswith("http://"):
         return {"enforce_https": False}
     return {}

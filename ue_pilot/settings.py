@@ -30,7 +30,7 @@ def _split_list(value: object) -> object:
 
 
 class Settings(BaseSettings):
-    """Where the pilot runs and what the runbook assumes about it."""
+    """Settings of the audited deployment and of the runbook's assumptions about it."""
 
     model_config = SettingsConfigDict(
         env_prefix="UE_",

@@ -27,7 +27,7 @@ from ue_pilot.sandbox.database import SandboxDatabase, drop_leftovers
 from ue_pilot.sandbox.faults import validate_faults
 from ue_pilot.sandbox.logs_api import create_logs_app
 from ue_pilot.sandbox.pagerduty import create_pagerduty_app
-from ue_pilot.sandbox.servers import RunningServer, start_server
+from ue_pilot.sandbox.servers import RequestDelay, RunningServer, start_server
 from ue_pilot.sandbox.telemetry import TelemetryStore
 from ue_pilot.sandbox.traffic import TrafficGenerator, seed_history
 
@@ -98,10 +98,11 @@ class Sandbox:
             org_ids=org_ids, request_delay_ms=self.request_delay_ms,
         ))
         self.servers.append(app)
-        logs = start_server(create_logs_app(
+        logs_app = create_logs_app(
             self.telemetry, token=logs_token, workspace_id=WORKSPACE_ID,
             resource_id=RESOURCE_ID, partial="logs-partial" in faults,
-        ))
+        )
+        logs = start_server(RequestDelay(logs_app, self.request_delay_ms))
         self.servers.append(logs)
         pagerduty = start_server(create_pagerduty_app(routing_key))
         self.servers.append(pagerduty)

@@ -34,6 +34,23 @@ class RunningServer:
         self.thread.join(timeout)
 
 
+class RequestDelay:
+    """ASGI wrapper that sleeps a fixed time before each HTTP request.
+
+    The sleep stands for a network round trip to a cloud service, so that a
+    client's concurrency shows even though every server runs on loopback.
+    """
+
+    def __init__(self, app, delay_ms: float) -> None:
+        self.app = app
+        self.delay = delay_ms / 1000
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and self.delay > 0:
+            await asyncio.sleep(self.delay)
+        await self.app(scope, receive, send)
+
+
 def start_server(app, port: int = 0, startup_timeout: float = 15.0) -> RunningServer:
     """Start `app` on 127.0.0.1 (a free port when `port` is 0) and wait until it serves.
 
