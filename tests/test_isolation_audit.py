@@ -8,6 +8,7 @@ from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
+import psycopg
 import pytest
 
 from flows.isolation_audit import isolation_audit
@@ -225,3 +226,52 @@ def read_artifacts(flow_run_id) -> dict[str, str]:
             )
         )
     return {a.key: str(a.data) for a in artifacts}
+
+
+def test_rejected_probe_sessions_not_pass(prefect_server, ue_env, clean_sandbox):
+    """Probe sessions the server does not accept make the audit inconclusive."""
+    orgs = clean_sandbox.env["UE_PILOT_ORG_IDS"].split(",")
+    dead = {
+        org: {role: "expired-token" for role in ("member", "admin", "owner")}
+        for org in orgs
+    }
+    ue_env(dict(clean_sandbox.env, UE_PROBE_SESSIONS=json.dumps(dead)))
+    result = isolation_audit()
+    sessions = [c for c in result["checks"] if c["id"] == "access.probe_sessions"]
+    assert {c["status"] for c in sessions} == {"inconclusive"}
+    assert "org_sandbox0001 member" in sessions[0]["observed"]["rejected"]
+    assert result["verdict"] == "inconclusive"
+
+
+def test_definer_view_fails(prefect_server, ue_env):
+    """A view over a tenant table without security_invoker fails its check."""
+    with SandboxProcess(orgs=2) as sandbox:
+        database = sandbox.env["UE_DATABASE_URL"].rsplit("/", 1)[1]
+        admin = f"postgresql://postgres@127.0.0.1:5432/{database}"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(
+                "CREATE VIEW reward_totals AS "
+                "SELECT org_id, sum(points) AS points FROM rewards "
+                "GROUP BY org_id"
+            )
+        ue_env(sandbox.env)
+        result = isolation_audit()
+    statuses_seen = statuses(result, "rls.views_security_invoker")
+    assert statuses_seen == {"fail"}
+
+
+def test_health_failure_pages_error(prefect_server, ue_env):
+    """A failed readiness check pages with severity error, not critical."""
+    with SandboxProcess(orgs=2, faults=["readiness-down"]) as sandbox:
+        ue_env(sandbox.env)
+        isolation_audit()
+        events_url = sandbox.env["UE_PAGERDUTY_EVENTS_URL"].replace(
+            "/v2/enqueue", "/sandbox/events"
+        )
+        events = httpx.get(events_url).json()
+    severities = {
+        e["payload"]["severity"]
+        for e in events
+        if e["dedup_key"] == "ue-pilot/deployment/health.ready"
+    }
+    assert severities == {"error"}

@@ -1,0 +1,69 @@
+"""Classification of probe responses and the row sampling of export bodies."""
+
+from __future__ import annotations
+
+import pytest
+
+from tasks.http_access import path_variants
+from tasks.http_probes import classify, count_row_orgs
+
+CASES = [
+    (401, "", True, "GET", "unauthenticated"),
+    (403, "", True, "GET", "rejected"),
+    (404, "", True, "GET", "rejected"),
+    (302, "https://ue.example/sign-in?redirect=/x", False, "GET", "rejected"),
+    (307, "/login", False, "GET", "rejected"),
+    (307, "/api/v2/rewards/export", False, "GET", "redirected"),
+    (200, "", True, "GET", "allowed"),
+    (200, "", False, "HEAD", "allowed"),
+    (204, "", False, "OPTIONS", "rejected"),
+    (200, "", True, "OPTIONS", "allowed"),
+    (500, "", True, "GET", "error"),
+]
+
+
+@pytest.mark.parametrize(
+    "status,location,body,method,expected",
+    CASES,
+    ids=[f"{c[3]}-{c[0]}-{c[4]}" for c in CASES],
+)
+def test_classify(status, location, body, method, expected):
+    """Each response maps to the outcome its gate check expects."""
+    assert classify(status, location, body, method) == expected
+
+
+def test_csv_rows_counted_by_org():
+    """CSV rows are counted per value of the org column."""
+    body = b"id,org_id,points\n1,org_a,5\n2,org_a,6\n3,org_b,1\n"
+    assert count_row_orgs(body, "text/csv", "org_id") == {"org_a": 2, "org_b": 1}
+
+
+def test_csv_with_bom_counted():
+    """A UTF-8 byte order mark does not hide the org column."""
+    body = "\ufeffid,org_id\n1,org_a\n".encode()
+    assert count_row_orgs(body, "text/csv", "org_id") == {"org_a": 1}
+
+
+def test_paged_json_rows_counted():
+    """Rows of a DRF page are counted per org."""
+    body = (
+        b'{"count": 2, "next": null, "previous": null, "results": '
+        b'[{"org_id": "org_a"}, {"org_id": "org_b"}]}'
+    )
+    assert count_row_orgs(body, "application/json", "org_id") == {
+        "org_a": 1,
+        "org_b": 1,
+    }
+
+
+def test_html_body_counts_nothing():
+    """An HTML page served for an export route yields no rows."""
+    assert count_row_orgs(b"<html>sign in</html>", "text/html", "org_id") == {}
+
+
+def test_path_variants_differ_from_path():
+    """Every spelling variant differs from the canonical path."""
+    path = "/api/v2/rewards/export"
+    variants = path_variants(path)
+    assert path not in variants
+    assert len(set(variants)) == len(variants)
