@@ -528,10 +528,18 @@ def evaluate_reuse(org: str, seen: dict[str, object]) -> CheckResult:
         "context_after_reuse": seen["context"],
         "rows_after_reuse": leaked,
     }
-    if seen["context"] or leaked:
+    if seen["context"]:
         return failed(
             "rls.pool_reuse",
             "a pooled connection keeps the previous org's context",
+            **observed,
+        )
+    if leaked:
+        return inconclusive(
+            "rls.pool_reuse",
+            "rows are visible on the reused connection without any context, so a "
+            "kept org cannot be told apart from a fail-open policy (see "
+            "rls.fail_open)",
             **observed,
         )
     return passed(

@@ -60,7 +60,13 @@ def plan_window(settings: Settings) -> tuple[datetime, datetime]:
 def record_window(settings: Settings, end: datetime) -> None:
     """Store the end of a window whose telemetry queries all succeeded."""
     try:
-        build_redis(settings).set(window_key(settings), end.isoformat())
+        # The key expires once it is older than the maximum lookback, which
+        # would cap the next window's start anyway.
+        build_redis(settings).set(
+            window_key(settings),
+            end.isoformat(),
+            ex=settings.window_max_lookback_minutes * 60,
+        )
     except redis.RedisError as error:
         get_run_logger().warning(
             "could not record the window end: %s", type(error).__name__

@@ -1,13 +1,15 @@
 """The `ue-pilot` command line.
 
 Exit status of `audit`: 0 pass, 1 fail, 3 inconclusive, 2 usage or settings
-error (nothing was run).
+error (nothing was run, including a sandbox that could not start), 130
+interrupted by Ctrl-C or SIGTERM.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from collections import Counter
 
@@ -18,6 +20,7 @@ from ue_pilot.sandbox.faults import FAULTS
 
 EXIT_CODES = {"pass": 0, "fail": 1, "inconclusive": 3}
 EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
 
 fault_option = click.option(
     "--fault",
@@ -26,6 +29,10 @@ fault_option = click.option(
     type=click.Choice(sorted(FAULTS)),
     help="Sandbox fault to switch on (repeatable).",
 )
+
+
+def raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def keep_prefect_local() -> None:
@@ -94,16 +101,24 @@ def audit(
     keep_prefect_local()
     from ue_pilot.sandbox.runner import SandboxProcess, SandboxStartError
 
-    if not sandbox:
-        sys.exit(run_audit(list(orgs), as_json))
+    # SIGTERM (a timeout wrapper, a cancelled CI job) unwinds like Ctrl-C, so
+    # the sandbox child and Prefect's temporary server are stopped too.
+    signal.signal(signal.SIGTERM, raise_interrupt)
     try:
-        process = SandboxProcess(orgs=sandbox_orgs, faults=faults)
-    except SandboxStartError as error:
-        raise click.ClickException(str(error)) from None
-    with process:
-        os.environ.update(process.env)
-        code = run_audit(list(orgs), as_json)
-    sys.exit(code)
+        if not sandbox:
+            sys.exit(run_audit(list(orgs), as_json))
+        try:
+            process = SandboxProcess(orgs=sandbox_orgs, faults=faults)
+        except SandboxStartError as error:
+            click.echo(f"Error: {error.summary()}", err=True)
+            sys.exit(EXIT_USAGE)
+        with process:
+            os.environ.update(process.env)
+            code = run_audit(list(orgs), as_json)
+        sys.exit(code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted: the audit did not finish.", err=True)
+        sys.exit(EXIT_INTERRUPTED)
 
 
 def run_audit(orgs: list[str], as_json: bool) -> int:

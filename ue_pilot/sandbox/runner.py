@@ -9,6 +9,7 @@ tests use it: the stand-ins then get their own CPU time and stop cleanly.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import secrets
@@ -21,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+
+import redis
 
 from ue_pilot.sandbox.app import SessionRegistry, create_ue_app
 from ue_pilot.sandbox.database import SandboxDatabase, drop_leftovers
@@ -44,6 +47,7 @@ WORKSPACE_ID = "11111111-1111-1111-1111-111111111111"
 # fault sets it for the whole session, as a deployment with that flaw does.
 CONTEXT_SQL_LOCAL = "SELECT set_config(%(setting)s, %(org)s, true)"
 CONTEXT_SQL_SESSION = "SELECT set_config(%(setting)s, %(org)s, false)"
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def sandbox_org_ids(count: int) -> list[str]:
@@ -139,11 +143,42 @@ class Sandbox:
             traffic.stop()
         database = getattr(self, "database", None)
         if database is not None:
+            self._forget_state(f"ue-pilot-{database.name}")
             database.drop()
+
+    def _forget_state(self, prefix: str) -> None:
+        """Delete the Redis keys audits of this sandbox left under its prefix."""
+        try:
+            client = redis.Redis.from_url(self.redis_url, socket_timeout=5)
+            keys = list(client.scan_iter(match=f"{prefix}*", count=500))
+            if keys:
+                client.delete(*keys)
+        except redis.RedisError:
+            pass
+
+
+def stop_with_parent() -> None:
+    """Ask Linux to send SIGTERM to this child when the thread that forked it dies.
+
+    A parent killed with SIGKILL then still gets its sandbox stopped and its
+    database dropped. Elsewhere this does nothing.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    except (OSError, AttributeError):
+        pass
 
 
 class SandboxStartError(RuntimeError):
     """The sandbox child process exited or did not become ready in time."""
+
+    def summary(self) -> str:
+        """Return the first line and the last line of the child's output."""
+        lines = [line for line in str(self).splitlines() if line.strip()]
+        if len(lines) <= 2:
+            return " ".join(lines)
+        return f"{lines[0]} {lines[-1]}"
 
 
 class SandboxProcess:
@@ -160,8 +195,10 @@ class SandboxProcess:
                    str(request_delay_ms)]
         for name in faults:
             command += ["--fault", name]
-        self.process = subprocess.Popen(command, stdout=log_file, stderr=log_file,
-                                        stdin=subprocess.DEVNULL)
+        self.process = subprocess.Popen(
+            command, stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL,
+            preexec_fn=stop_with_parent,
+        )
         self._log = log_file
         self.env = self._wait_for(env_file, timeout)
 
