@@ -18,7 +18,7 @@ class Status(str, Enum):
 # Checks whose failure means one org may see another's data. They page as
 # critical; every other failing check pages as error. The listed access checks
 # fail when the application refuses legitimate use, which is not a breach.
-ISOLATION_PREFIXES = ("rls.", "access.", "telemetry.cross_org")
+ISOLATION_PREFIXES = ("rls.", "access.", "telemetry.cross_org", "export.ownership")
 AVAILABILITY_CHECKS = {
     "access.export_allows_own_org",
     "access.cross_org_allows_min_role",

@@ -179,6 +179,81 @@ def render_summary(result: dict) -> str:
     return "\n".join(lines)
 
 
+@main.command("export-all")
+@click.option("--org", "org", required=True, help="Pilot org id to export.")
+@click.option("--export", "exports", multiple=True,
+              help="Export name to take (repeatable). Default: every configured one.")
+@click.option("--sandbox", is_flag=True,
+              help="Start the bundled sandbox (with Azurite) for this run.")
+@fault_option
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+def export_all_command(org: str, exports: tuple[str, ...], sandbox: bool,
+                       faults: tuple[str, ...], as_json: bool) -> None:
+    """Export one org's data to Blob Storage with a manifest (exit 0 complete)."""
+    if faults and not sandbox:
+        raise click.UsageError("--fault needs --sandbox: faults exist only in the "
+                               "bundled sandbox")
+    from ue_pilot.orgids import InvalidOrgIdError, validate_org_id
+
+    try:
+        validate_org_id(org)
+    except InvalidOrgIdError as error:
+        raise click.UsageError(str(error)) from None
+    keep_prefect_local()
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    try:
+        if not sandbox:
+            sys.exit(run_export(org, list(exports), as_json))
+        from ue_pilot.sandbox.runner import SandboxProcess, SandboxStartError
+
+        try:
+            process = SandboxProcess(orgs=3, faults=faults, storage=True)
+        except SandboxStartError as error:
+            click.echo(f"Error: {error.summary()}", err=True)
+            sys.exit(EXIT_USAGE)
+        with process:
+            os.environ.update(process.env)
+            code = run_export(org, list(exports), as_json)
+        sys.exit(code)
+    except KeyboardInterrupt:
+        click.echo("Interrupted: the export did not finish.", err=True)
+        sys.exit(EXIT_INTERRUPTED)
+
+
+def run_export(org: str, exports: list[str], as_json: bool) -> int:
+    """Validate, run the export-all flow, print the manifest or the failure."""
+    settings = load_settings()
+    from flows.export_all import ExportConfigurationError, export_all, select_exports
+    from ue_pilot.orgids import InvalidOrgIdError, validate_org_id
+
+    try:
+        validate_org_id(org, settings.org_id_pattern)
+        select_exports(settings, exports)
+    except (ExportConfigurationError, InvalidOrgIdError) as error:
+        raise click.UsageError(str(error)) from None
+
+    state = export_all(org_id=org, exports=exports or None, return_state=True)
+    if not state.is_completed():
+        message = state.message or state.name
+        try:
+            state.result()
+        except Exception as error:  # the flow's own failure, shown to the operator
+            message = f"{type(error).__name__}: {error}"
+        if isinstance(message, str) and "ExportConfigurationError" in message:
+            raise click.UsageError(message)
+        click.echo(f"Export FAILED: {message}", err=True)
+        return 1
+    manifest = state.result()
+    if as_json:
+        click.echo(json.dumps(manifest, indent=2))
+    else:
+        click.echo(f"Export complete: {manifest['folder']}")
+        for entry in manifest["exports"]:
+            click.echo(f"  {entry['name']:<10} {entry['rows']:>9} rows "
+                       f"{entry['bytes']:>12} bytes  sha256 {entry['sha256']}")
+    return 0
+
+
 @main.group()
 def sandbox() -> None:
     """Run the bundled sandbox pilot: every service the audit talks to, on 127.0.0.1."""

@@ -155,6 +155,22 @@ class Settings(BaseSettings):
     )
     db_connections_max_ratio: float = 0.8
 
+    # Exports and Blob Storage.
+    export_names: Annotated[list[str], NoDecode] = Field(
+        default_factory=lambda: ["rewards", "tax-cra"],
+        description="File name of each export route, in the order of UE_EXPORT_PATHS.",
+    )
+    export_session_role: str = Field(
+        "admin", description="Role of the probe session that fetches full exports."
+    )
+    blob_connection_string: SecretStr = Field(
+        SecretStr(""), description="Storage connection string (Azurite locally)."
+    )
+    blob_account_url: str = Field(
+        "", description="Storage account URL, signed in with DefaultAzureCredential."
+    )
+    blob_container: str = "evidence"
+
     # Redis, paging, state.
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     pagerduty_routing_key: SecretStr = SecretStr("")
@@ -172,6 +188,7 @@ class Settings(BaseSettings):
         "liveness_events",
         "liveness_metrics",
         "db_schemas",
+        "export_names",
         mode="before",
     )
     @classmethod
@@ -203,8 +220,24 @@ class Settings(BaseSettings):
                 f"invalid UE_TENANT_SETTING {self.tenant_setting!r}: expected a "
                 "custom setting name such as app.org_id"
             )
+        if len(self.export_names) != len(self.export_paths):
+            raise ValueError(
+                f"UE_EXPORT_NAMES has {len(self.export_names)} names but "
+                f"UE_EXPORT_PATHS has {len(self.export_paths)} routes; give one "
+                "name per route"
+            )
+        for name in self.export_names:
+            if not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,62}", name):
+                raise ValueError(
+                    f"invalid export name {name!r} in UE_EXPORT_NAMES: use "
+                    "lowercase letters, digits and dashes"
+                )
         self.probe_session_map()
         return self
+
+    def export_routes(self) -> dict[str, str]:
+        """Return {export name: route path}."""
+        return dict(zip(self.export_names, self.export_paths))
 
     def probe_session_map(self) -> dict[str, dict[str, str]]:
         """Parse the probe identities into {org: {role: token}}."""

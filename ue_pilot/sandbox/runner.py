@@ -30,7 +30,13 @@ from ue_pilot.sandbox.database import SandboxDatabase, drop_leftovers
 from ue_pilot.sandbox.faults import validate_faults
 from ue_pilot.sandbox.logs_api import create_logs_app
 from ue_pilot.sandbox.pagerduty import create_pagerduty_app
-from ue_pilot.sandbox.servers import RequestDelay, RunningServer, start_server
+from ue_pilot.sandbox.azurite import Azurite
+from ue_pilot.sandbox.servers import (
+    RequestDelay,
+    RunningServer,
+    find_free_port,
+    start_server,
+)
 from ue_pilot.sandbox.telemetry import TelemetryStore
 from ue_pilot.sandbox.traffic import TrafficGenerator, seed_history
 
@@ -64,6 +70,7 @@ class Sandbox:
     redis_url: str = DEFAULT_REDIS_URL
     request_delay_ms: float = 0.0
     tenant_setting: str = "app.org_id"
+    storage: bool = False
     servers: list[RunningServer] = field(default_factory=list)
 
     def start(self) -> dict[str, str]:
@@ -113,7 +120,8 @@ class Sandbox:
 
         context_sql = (CONTEXT_SQL_SESSION if "rls-session-set" in faults
                        else CONTEXT_SQL_LOCAL)
-        return {
+        env = self._start_storage(faults) if self.storage else {}
+        return env | {
             "UE_BASE_URL": app.url,
             "UE_PILOT_ORG_IDS": ",".join(org_ids),
             "UE_PROBE_SESSIONS": json.dumps(probe_sessions),
@@ -133,11 +141,29 @@ class Sandbox:
             "UE_PAGERDUTY_EVENTS_URL": pagerduty.url + "/v2/enqueue",
         }
 
+    def _start_storage(self, faults: set[str]) -> dict[str, str]:
+        """Start Azurite's blob service and return the storage settings."""
+        self.azurite = Azurite.start()
+        connection_string = self.azurite.connection_string
+        if "storage-unavailable" in faults:
+            # A storage account that cannot be reached: nothing listens there.
+            connection_string = connection_string.replace(
+                f":{self.azurite.port}/", f":{find_free_port()}/"
+            )
+        return {
+            "UE_BLOB_CONNECTION_STRING": connection_string,
+            "UE_BLOB_CONTAINER": "evidence",
+            "UE_SANDBOX_BLOB_CONNECTION_STRING": self.azurite.connection_string,
+        }
+
     def stop(self) -> None:
         """Stop the servers and the traffic, and drop the database and roles."""
         for server in reversed(self.servers):
             server.stop()
         self.servers.clear()
+        azurite = getattr(self, "azurite", None)
+        if azurite is not None:
+            azurite.stop()
         traffic = getattr(self, "traffic", None)
         if traffic is not None:
             traffic.stop()
@@ -185,7 +211,8 @@ class SandboxProcess:
     """The sandbox in a child process; `env` holds its `UE_*` settings."""
 
     def __init__(self, orgs: int = 3, faults: list[str] | tuple[str, ...] = (),
-                 request_delay_ms: float = 0.0, timeout: float = 120.0) -> None:
+                 request_delay_ms: float = 0.0, timeout: float = 120.0,
+                 storage: bool = False) -> None:
         validate_faults(list(faults))
         self._dir = tempfile.TemporaryDirectory(prefix="ue-sandbox-")
         env_file = Path(self._dir.name) / "env.json"
@@ -195,6 +222,8 @@ class SandboxProcess:
                    str(request_delay_ms)]
         for name in faults:
             command += ["--fault", name]
+        if storage:
+            command.append("--storage")
         self.process = subprocess.Popen(
             command, stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL,
             preexec_fn=stop_with_parent,
@@ -240,7 +269,8 @@ def serve(args: argparse.Namespace) -> int:
     """Run the sandbox until SIGINT or SIGTERM."""
     sandbox = Sandbox(org_count=args.orgs, faults=args.fault or [],
                       admin_url=args.admin_url, redis_url=args.redis_url,
-                      request_delay_ms=args.request_delay_ms)
+                      request_delay_ms=args.request_delay_ms,
+                      storage=args.storage)
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
@@ -270,6 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--redis-url", default=os.environ.get(
         "UE_SANDBOX_REDIS_URL", DEFAULT_REDIS_URL))
     parser.add_argument("--request-delay-ms", type=float, default=0.0)
+    parser.add_argument("--storage", action="store_true",
+                        help="also start Azurite's blob service")
     return parser
 
 
