@@ -54,16 +54,21 @@ def run_folder(org: str) -> str:
     return f"{org}/exports/{started:%Y}/{started:%m}/{runtime.flow_run.id}"
 
 
-@task(name="prepare-storage", retries=2, retry_delay_seconds=[5, 15],
-      cache_policy=NO_CACHE)
+@task(
+    name="prepare-storage",
+    retries=2,
+    retry_delay_seconds=[5, 15],
+    cache_policy=NO_CACHE,
+)
 def prepare_storage(settings: Settings) -> str:
     """Open the evidence container, creating it if missing; fail fast if down."""
     container = open_container(settings)
     return container.container_name
 
 
-@task(name="write-manifest", retries=2, retry_delay_seconds=[5, 15],
-      cache_policy=NO_CACHE)
+@task(
+    name="write-manifest", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE
+)
 def write_manifest(settings: Settings, folder: str, manifest: dict) -> dict:
     """Upload manifest.json beside the exports; an existing one is kept."""
     container = open_container(settings, create=False)
@@ -102,8 +107,10 @@ def export_all(org_id: str, exports: list[str] | None = None) -> dict:
     logger.info("exporting %s of %s to %s", sorted(routes), org, folder)
 
     # Export
-    futures = {name: export_to_blob.submit(settings, org, name, path, folder)
-               for name, path in routes.items()}
+    futures = {
+        name: export_to_blob.submit(settings, org, name, path, folder)
+        for name, path in routes.items()
+    }
     results, problems, breach = [], [], None
     for name, future in futures.items():
         outcome = future.result(raise_on_failure=False)
@@ -116,9 +123,17 @@ def export_all(org_id: str, exports: list[str] | None = None) -> dict:
             results.append(outcome)
 
     if breach is not None:
-        escalate.submit(settings, [failed(
-            "export.ownership", str(breach), org, foreign_rows=breach.foreign_rows,
-        )]).result()
+        escalate.submit(
+            settings,
+            [
+                failed(
+                    "export.ownership",
+                    str(breach),
+                    org,
+                    foreign_rows=breach.foreign_rows,
+                )
+            ],
+        ).result()
     if problems:
         raise ExportIncompleteError(
             "export incomplete, no manifest written: " + "; ".join(problems)
@@ -157,8 +172,18 @@ def publish_artifacts(settings: Settings, manifest: dict, stored: dict) -> None:
     create_table_artifact(
         key="export-manifest-table",
         table=[
-            {key: entry[key] for key in ("name", "rows", "bytes", "sha256",
-                                         "formula_cells", "started", "finished")}
+            {
+                key: entry[key]
+                for key in (
+                    "name",
+                    "rows",
+                    "bytes",
+                    "sha256",
+                    "formula_cells",
+                    "started",
+                    "finished",
+                )
+            }
             for entry in manifest["exports"]
         ],
         description=f"Exports of {manifest['org']}, run {manifest['run_id']}",

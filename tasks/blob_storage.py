@@ -15,7 +15,12 @@ from dataclasses import dataclass, field
 
 from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceExistsError
-from azure.storage.blob import BlobBlock, BlobServiceClient, ContainerClient, ContentSettings
+from azure.storage.blob import (
+    BlobBlock,
+    BlobServiceClient,
+    ContainerClient,
+    ContentSettings,
+)
 
 from ue_pilot.settings import Settings
 from ue_pilot.storage import build_blob_service
@@ -124,8 +129,11 @@ def upload_json(container: ContainerClient, name: str, document: dict) -> dict:
             content_type="application/json", content_md5=bytearray(md5)
         ),
     )
-    return {"blob": name, "bytes": len(data),
-            "sha256": hashlib.sha256(data).hexdigest()}
+    return {
+        "blob": name,
+        "bytes": len(data),
+        "sha256": hashlib.sha256(data).hexdigest(),
+    }
 
 
 def blob_url(container: ContainerClient, name: str) -> str:

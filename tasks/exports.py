@@ -171,8 +171,14 @@ def check_status(response: httpx.Response, url: str) -> None:
         )
 
 
-def stream_csv(client: httpx.Client, settings: Settings, url: str, token: str,
-               upload: BlockUpload, scan: RowScan) -> str:
+def stream_csv(
+    client: httpx.Client,
+    settings: Settings,
+    url: str,
+    token: str,
+    upload: BlockUpload,
+    scan: RowScan,
+) -> str:
     """Stream one CSV export into `upload`; return its content type."""
     scanner = CsvScanner(scan)
     headers = {"Authorization": f"Bearer {token}"}
@@ -199,8 +205,14 @@ def stream_csv(client: httpx.Client, settings: Settings, url: str, token: str,
     return content_type
 
 
-def stream_json_pages(client: httpx.Client, settings: Settings, url: str,
-                      token: str, upload: BlockUpload, scan: RowScan) -> int:
+def stream_json_pages(
+    client: httpx.Client,
+    settings: Settings,
+    url: str,
+    token: str,
+    upload: BlockUpload,
+    scan: RowScan,
+) -> int:
     """Follow `next` to the end, storing the pages as one JSON array.
 
     Each page's bytes are kept exactly. The rows must add up to `count` with no
@@ -261,18 +273,28 @@ def stream_json_pages(client: httpx.Client, settings: Settings, url: str,
     return pages
 
 
-def fetch_into(container: ContainerClient, settings: Settings, org: str, name: str,
-               path: str, blob_name: str) -> tuple[ExportResult, BlockUpload, RowScan]:
+def fetch_into(
+    container: ContainerClient,
+    settings: Settings,
+    org: str,
+    name: str,
+    path: str,
+    blob_name: str,
+) -> tuple[ExportResult, BlockUpload, RowScan]:
     """Fetch one export into a staged, not yet committed, blob."""
     url = source_url(settings, path, org)
     token = session_token(settings, org)
     is_json = settings.export_format == "json"
-    upload = BlockUpload(container, blob_name,
-                         "application/json" if is_json else "text/csv")
+    upload = BlockUpload(
+        container, blob_name, "application/json" if is_json else "text/csv"
+    )
     scan = RowScan(org, settings.export_org_field)
     started = datetime.now(UTC).isoformat()
-    with httpx.Client(timeout=httpx.Timeout(60.0, connect=10.0), trust_env=False,
-                      follow_redirects=False) as client:
+    with httpx.Client(
+        timeout=httpx.Timeout(60.0, connect=10.0),
+        trust_env=False,
+        follow_redirects=False,
+    ) as client:
         if is_json:
             pages = stream_json_pages(client, settings, url, token, upload, scan)
             content_type = "application/json"
@@ -280,17 +302,30 @@ def fetch_into(container: ContainerClient, settings: Settings, org: str, name: s
             pages = 0
             content_type = stream_csv(client, settings, url, token, upload, scan)
     result = ExportResult(
-        name=name, source_url=url, content_type=content_type, rows=scan.rows,
-        formula_cells=scan.formula_cells, started=started,
-        finished=datetime.now(UTC).isoformat(), pages=pages,
+        name=name,
+        source_url=url,
+        content_type=content_type,
+        rows=scan.rows,
+        formula_cells=scan.formula_cells,
+        started=started,
+        finished=datetime.now(UTC).isoformat(),
+        pages=pages,
     )
     return result, upload, scan
 
 
 # Manifest fields kept in the blob's metadata, so a re-run can list a stored
 # export without fetching it again.
-METADATA_FIELDS = ("name", "source_url", "content_type", "rows", "formula_cells",
-                   "started", "finished", "pages")
+METADATA_FIELDS = (
+    "name",
+    "source_url",
+    "content_type",
+    "rows",
+    "formula_cells",
+    "started",
+    "finished",
+    "pages",
+)
 
 
 def stored_result(blob) -> dict[str, object]:
@@ -299,11 +334,17 @@ def stored_result(blob) -> dict[str, object]:
     meta = properties.metadata
     md5 = properties.content_settings.content_md5
     result = ExportResult(
-        name=meta["name"], source_url=meta["source_url"],
-        content_type=meta["content_type"], rows=int(meta["rows"]),
-        formula_cells=int(meta["formula_cells"]), started=meta["started"],
-        finished=meta["finished"], blob=blob.blob_name, bytes=properties.size,
-        sha256=meta["sha256"], md5=base64.b64encode(bytes(md5)).decode(),
+        name=meta["name"],
+        source_url=meta["source_url"],
+        content_type=meta["content_type"],
+        rows=int(meta["rows"]),
+        formula_cells=int(meta["formula_cells"]),
+        started=meta["started"],
+        finished=meta["finished"],
+        blob=blob.blob_name,
+        bytes=properties.size,
+        sha256=meta["sha256"],
+        md5=base64.b64encode(bytes(md5)).decode(),
         pages=int(meta["pages"]),
     )
     return result.to_dict()
@@ -320,10 +361,16 @@ def not_a_breach(task, task_run, state) -> bool:
     return True
 
 
-@task(name="export-to-blob", retries=3, retry_delay_seconds=[2, 5, 10],
-      retry_condition_fn=not_a_breach, cache_policy=NO_CACHE)
-def export_to_blob(settings: Settings, org: str, name: str, path: str,
-                   folder: str) -> dict[str, object]:
+@task(
+    name="export-to-blob",
+    retries=3,
+    retry_delay_seconds=[2, 5, 10],
+    retry_condition_fn=not_a_breach,
+    cache_policy=NO_CACHE,
+)
+def export_to_blob(
+    settings: Settings, org: str, name: str, path: str, folder: str
+) -> dict[str, object]:
     """Fetch one export and publish it under `folder` once complete and owned.
 
     A breach stores the fetched bytes under `quarantine/` instead, for the
@@ -341,14 +388,18 @@ def export_to_blob(settings: Settings, org: str, name: str, path: str,
         logger.info("export %s of %s already stored at %s", name, org, blob_name)
         return stored_result(existing)
 
-    result, upload, scan = fetch_into(container, settings, org, name, path,
-                                      blob_name)
+    result, upload, scan = fetch_into(container, settings, org, name, path, blob_name)
     if scan.foreign_rows:
         # The staged blocks are never committed. The bytes are fetched again
         # into the quarantine blob, as evidence for the investigation.
         quarantine = f"quarantine/{blob_name}"
-        logger.error("export %s of %s carries %d foreign row(s); quarantined at %s",
-                     name, org, scan.foreign_rows, quarantine)
+        logger.error(
+            "export %s of %s carries %d foreign row(s); quarantined at %s",
+            name,
+            org,
+            scan.foreign_rows,
+            quarantine,
+        )
         _, held, _ = fetch_into(container, settings, org, name, path, quarantine)
         held.commit({"org": org, "export": name, "status": "quarantined"})
         raise OwnershipBreachError(
@@ -357,13 +408,16 @@ def export_to_blob(settings: Settings, org: str, name: str, path: str,
             scan.foreign_rows,
         )
 
-    metadata = {key: str(value) for key, value in result.to_dict().items()
-                if key in METADATA_FIELDS}
+    metadata = {
+        key: str(value)
+        for key, value in result.to_dict().items()
+        if key in METADATA_FIELDS
+    }
     metadata.update(org=org, sha256=upload.sha256.hexdigest(), status="complete")
     stored = upload.commit(metadata)
     result.blob, result.bytes = stored["blob"], stored["bytes"]
     result.sha256, result.md5 = stored["sha256"], stored["md5"]
-    logger.info("export %s of %s: %d rows, %d bytes", name, org, result.rows,
-                result.bytes)
+    logger.info(
+        "export %s of %s: %d rows, %d bytes", name, org, result.rows, result.bytes
+    )
     return result.to_dict()
-
