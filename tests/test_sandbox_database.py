@@ -11,7 +11,9 @@ import pytest
 
 from ue_pilot.sandbox.database import (
     DEFAULT_ADMIN_URL,
+    FORMULA_DESCRIPTIONS,
     SandboxDatabase,
+    bulk_reward_csv_bytes,
     drop_leftovers,
 )
 
@@ -328,6 +330,130 @@ def test_add_org_rejects_duplicate(clean):
     """add_org raises ValueError for an org that is already seeded."""
     with pytest.raises(ValueError):
         clean.add_org("org_alpha01")
+
+
+@pytest.fixture(scope="module")
+def bulk(request) -> SandboxDatabase:
+    """A sandbox whose first org gained 1,000 bulk rewards in two calls."""
+    database = SandboxDatabase.create(org_ids=ORGS, faults=set())
+    request.addfinalizer(database.drop)
+    database.add_bulk_rewards("org_alpha01", 600)
+    database.add_bulk_rewards("org_alpha01", 400)
+    return database
+
+
+def test_bulk_rewards_count(bulk):
+    """add_bulk_rewards adds its rows to the org's 50 seeded rewards."""
+    assert app_count(bulk, "rewards", "org_alpha01") == 1050
+
+
+def test_bulk_rewards_other_orgs_unchanged(bulk):
+    """add_bulk_rewards leaves other orgs' rewards alone."""
+    assert app_count(bulk, "rewards", "org_bravo02") == 50
+
+
+def test_bulk_rewards_numbered_on(bulk):
+    """A second call numbers its ids on from the first call's last id."""
+    rows = admin_query(
+        bulk,
+        "SELECT min(id), max(id) FROM rewards"
+        " WHERE org_id = 'org_alpha01' AND starts_with(id, 'org_alpha01:b')",
+    )
+    assert rows == [("org_alpha01:b0000000001", "org_alpha01:b0000001000")]
+
+
+def test_bulk_rewards_reference_members(bulk):
+    """Every bulk reward references a seeded member of its own org."""
+    rows = admin_query(
+        bulk,
+        "SELECT count(*) FROM rewards AS r"
+        " LEFT JOIN members AS m ON m.id = r.member_id AND m.org_id = r.org_id"
+        " WHERE m.id IS NULL",
+    )
+    assert rows == [(0,)]
+
+
+def test_bulk_rewards_need_context(bulk):
+    """Without a tenant context the app role reads none of the bulk rows."""
+    assert app_count(bulk, "rewards") == 0
+
+
+def test_bulk_row_bytes_short_org():
+    """A bulk reward of an org id of up to 14 characters takes 100 CSV bytes."""
+    assert bulk_reward_csv_bytes("org_alpha01") == 100
+
+
+def test_bulk_row_bytes_long_org():
+    """A bulk reward of a 34-character org id takes more than 100 CSV bytes."""
+    assert bulk_reward_csv_bytes("org_" + "x" * 30) > 100
+
+
+def test_bulk_rewards_unknown_org(clean):
+    """add_bulk_rewards raises ValueError for an org the database lacks."""
+    with pytest.raises(ValueError, match="not seeded"):
+        clean.add_bulk_rewards("org_zulu99", 10)
+
+
+@pytest.mark.parametrize("rows", [0, -5])
+def test_bulk_rewards_rejects_count(clean, rows):
+    """add_bulk_rewards raises ValueError for a row count below 1."""
+    with pytest.raises(ValueError, match="invalid row count"):
+        clean.add_bulk_rewards("org_alpha01", rows)
+
+
+def test_formula_fault_descriptions(databases):
+    """Fault export-formula-cells writes the formula texts to each org's rewards."""
+    database = databases("export-formula-cells")
+    rows = admin_query(
+        database,
+        "SELECT description FROM rewards WHERE org_id = 'org_bravo02'"
+        " AND id <= 'org_bravo02:r006' ORDER BY id",
+    )
+    assert [description for (description,) in rows] == list(FORMULA_DESCRIPTIONS)
+
+
+def test_formula_fault_prefixes(databases):
+    """The formula texts start with =, +, -, @, tab and CR."""
+    prefixes = {description[0] for description in FORMULA_DESCRIPTIONS}
+    assert prefixes == {"=", "+", "-", "@", "\t", "\r"}
+
+
+def test_formula_fault_row_count(databases):
+    """Fault export-formula-cells changes six rewards per org."""
+    database = databases("export-formula-cells")
+    rows = admin_query(
+        database,
+        "SELECT count(*) FROM rewards WHERE description = ANY(%s)",
+        (list(FORMULA_DESCRIPTIONS),),
+    )
+    assert rows == [(6 * len(ORGS),)]
+
+
+def test_formula_fault_added_org():
+    """Fault export-formula-cells also applies to an org added with add_org."""
+    database = SandboxDatabase.create(org_ids=ORGS[:1], faults={"export-formula-cells"})
+    try:
+        database.add_org("org_delta04")
+        rows = admin_query(
+            database,
+            "SELECT count(*) FROM rewards"
+            " WHERE org_id = 'org_delta04' AND description = ANY(%s)",
+            (list(FORMULA_DESCRIPTIONS),),
+        )
+    finally:
+        database.drop()
+    assert rows == [(6,)]
+
+
+def test_clean_has_no_formula_cells(clean):
+    """Without the fault no reward description starts like a formula."""
+    rows = admin_query(
+        clean,
+        "SELECT count(*) FROM rewards"
+        " WHERE left(description, 1)"
+        " = ANY(ARRAY['=', '+', '-', '@', E'\\t', E'\\r'])",
+    )
+    assert rows == [(0,)]
 
 
 def test_rls_disabled_fault_catalog(databases):

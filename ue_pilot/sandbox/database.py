@@ -9,9 +9,12 @@ Each `SandboxDatabase` is a database `ue_sbx_<8 hex>` with three roles:
   reads rows only after `SET ROLE <db>_app` inside a READ ONLY transaction, so it
   reads exactly the rows the application reads. Its sessions default to read-only.
 
-Database faults (see `faults.py`) are applied after seeding. The database and
+Database faults (see `faults.py`) are applied after seeding, and
+`export-formula-cells` also to orgs that `add_org` adds later. The database and
 each role carry a comment naming the creating process, so `drop_leftovers` can
 remove what a killed run left behind.
+
+`add_bulk_rewards` adds many reward rows to one org, for export benchmarks.
 """
 
 from __future__ import annotations
@@ -30,7 +33,14 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from ue_pilot.orgids import validate_org_id
 from ue_pilot.sandbox.faults import validate_faults
 
-__all__ = ["DEFAULT_ADMIN_URL", "SandboxDatabase", "drop_leftovers"]
+__all__ = [
+    "BULK_ROW_CSV_BYTES",
+    "DEFAULT_ADMIN_URL",
+    "FORMULA_DESCRIPTIONS",
+    "SandboxDatabase",
+    "bulk_reward_csv_bytes",
+    "drop_leftovers",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +50,28 @@ TENANT_TABLES = ("members", "rewards", "tax_slips")
 MEMBERS_PER_ORG = 20
 REWARDS_PER_ORG = 50
 TAX_SLIPS_PER_ORG = 20
+
+# Reward descriptions that a spreadsheet program may run as formulas when it
+# opens the CSV file, because they start with =, +, -, @, tab or CR. Fault
+# export-formula-cells writes them to each org's first six rewards.
+FORMULA_DESCRIPTIONS = (
+    '=HYPERLINK("https://example.invalid/claim","Claim reward")',
+    "+1 613 555 0100 steward hotline",
+    "-15 points correction",
+    "@SUM(A1:A10)",
+    "\tIndented note from the steward",
+    "\rCarriage return before the note",
+)
+
+# The target size of one bulk reward row in the CSV export, in bytes.
+BULK_ROW_CSV_BYTES = 100
+BULK_ID_DIGITS = 10
+BULK_MIN_DESCRIPTION = 16
+# The CSV bytes of a bulk row besides its description and the org id that
+# starts three of its columns. They are the id suffix `:b` and its digits,
+# `:mNN` of the member id, 3 digits of points, a 20-character UTC timestamp,
+# 5 commas and CRLF.
+_BULK_FIXED_BYTES = 2 + BULK_ID_DIGITS + 4 + 3 + 20 + 5 + 2
 
 _DATABASE_NAME = re.compile(r"^ue_sbx_[0-9a-f]{8}$")
 _ROLE_NAME = re.compile(r"^(ue_sbx_[0-9a-f]{8})_(?:owner|app|audit)$")
@@ -125,6 +157,27 @@ _SEED = (
     FROM unnest(%(orgs)s::text[]) AS o, generate_series(1, %(tax_slips)s) AS n
     """,
 )
+
+_FORMULA_CELLS = """
+UPDATE rewards AS r SET description = (%(values)s::text[])[n]
+FROM unnest(%(orgs)s::text[]) AS o,
+     generate_series(1, cardinality(%(values)s::text[])) AS n
+WHERE r.id = o || ':r' || lpad(n::text, 3, '0')
+"""
+
+# Bulk rows get ids `<org>:b<10 digits>`, numbered on from the org's highest
+# bulk id, so they never collide with seeded ids (`:r`) or earlier bulk rows.
+# Points have 3 digits and timestamps whole seconds, so every bulk row of one
+# org has the same CSV length.
+_BULK_REWARDS = """
+INSERT INTO rewards (id, org_id, member_id, points, description, awarded_at)
+SELECT %(prefix)s || lpad(n::text, %(digits)s, '0'), %(org)s,
+       %(org)s || ':m' || lpad((1 + mod(n - 1, %(members)s))::text, 2, '0'),
+       100 + mod(n, 900),
+       rpad('Reward ' || n, %(width)s, ' for steward training and picket duty'),
+       timestamptz '2025-01-01 00:00+00' + n * interval '1 second'
+FROM generate_series(%(first)s::bigint, %(last)s::bigint) AS n
+"""
 
 
 @dataclass
@@ -215,7 +268,64 @@ class SandboxDatabase:
         with psycopg.connect(self.database_admin_url) as conn:
             for statement in _SEED:
                 conn.execute(statement, _seed_parameters([org_id]))
+            self._apply_data_faults(conn, [org_id])
         self.org_ids.append(org_id)
+
+    def add_bulk_rewards(self, org_id: str, rows: int) -> None:
+        """Insert `rows` more reward rows for one seeded org in one statement.
+
+        Each row takes `bulk_reward_csv_bytes(org_id)` bytes of the CSV export,
+        100 for org ids of up to 14 characters, so 1,000,000 rows make about a
+        100 MB export. Raises ValueError when `rows` is not positive or the org
+        is not seeded in this database.
+        """
+        validate_org_id(org_id)
+        if rows < 1:
+            raise ValueError(f"invalid row count {rows}: expected at least 1")
+        prefix = f"{org_id}:b"
+        with psycopg.connect(self.database_admin_url) as conn:
+            self._check_seeded(conn, org_id)
+            highest = conn.execute(
+                "SELECT max(id) FROM rewards WHERE org_id = %s AND starts_with(id, %s)",
+                (org_id, prefix),
+            ).fetchone()
+            done = int(highest[0][len(prefix) :]) if highest and highest[0] else 0
+            first, last = done + 1, done + rows
+            if len(str(last)) > BULK_ID_DIGITS:
+                raise ValueError(
+                    f"invalid row count {rows}: org {org_id!r} would have more "
+                    f"than {10**BULK_ID_DIGITS - 1} bulk rows; add fewer rows"
+                )
+            # The rows reference seeded members only, so skipping the foreign
+            # key triggers (superuser only) loses no check. It cut 1,000,000
+            # rows from about 12 s to 3 s on 2 cores.
+            conn.execute("SET LOCAL session_replication_role = replica")
+            conn.execute(
+                _BULK_REWARDS,
+                {
+                    "prefix": prefix,
+                    "org": org_id,
+                    "digits": BULK_ID_DIGITS,
+                    "members": MEMBERS_PER_ORG,
+                    "width": _bulk_description_width(org_id),
+                    "first": first,
+                    "last": last,
+                },
+            )
+        # ANALYZE updates the row estimates the planner uses for export queries.
+        with psycopg.connect(self.database_admin_url, autocommit=True) as conn:
+            conn.execute("ANALYZE rewards")
+        logger.info("added %d bulk rewards for %s in %s", rows, org_id, self.name)
+
+    def _check_seeded(self, conn: psycopg.Connection, org_id: str) -> None:
+        row = conn.execute(
+            "SELECT count(*) FROM members WHERE org_id = %s", (org_id,)
+        ).fetchone()
+        if not row or row[0] < MEMBERS_PER_ORG:
+            raise ValueError(
+                f"org {org_id!r} is not seeded in {self.name}; create the database "
+                "with it or call add_org first"
+            )
 
     def drop(self) -> None:
         """Terminate every session of the database and its roles, then drop them.
@@ -314,6 +424,7 @@ class SandboxDatabase:
                 )
             for statement in self._fault_statements():
                 conn.execute(statement)
+            self._apply_data_faults(conn, orgs)
         self.org_ids.extend(orgs)
 
         # ANALYZE cannot run inside the transaction block above.
@@ -329,6 +440,13 @@ class SandboxDatabase:
             "GRANT SELECT, INSERT, UPDATE, DELETE ON {tables} TO {app};"
             " GRANT SELECT ON member_rewards TO {app}"
         ).format(tables=tables, app=app)
+
+    def _apply_data_faults(self, conn: psycopg.Connection, orgs: list[str]) -> None:
+        """Apply the data faults to the seeded rows of `orgs`."""
+        if "export-formula-cells" in self.faults:
+            conn.execute(
+                _FORMULA_CELLS, {"orgs": orgs, "values": list(FORMULA_DESCRIPTIONS)}
+            )
 
     def _fault_statements(self) -> list[sql.Composable]:
         statements: list[sql.Composable] = []
@@ -386,6 +504,16 @@ def tenant_policy_statements(table: str, tenant_setting: str) -> list[sql.Compos
             )
         )
     return statements
+
+
+def bulk_reward_csv_bytes(org_id: str) -> int:
+    """Return the CSV length in bytes, CRLF included, of one bulk reward of `org_id`."""
+    return 3 * len(org_id) + _BULK_FIXED_BYTES + _bulk_description_width(org_id)
+
+
+def _bulk_description_width(org_id: str) -> int:
+    width = BULK_ROW_CSV_BYTES - 3 * len(org_id) - _BULK_FIXED_BYTES
+    return max(BULK_MIN_DESCRIPTION, width)
 
 
 def validate_tenant_setting(name: str) -> str:

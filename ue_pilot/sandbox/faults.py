@@ -17,6 +17,18 @@ FAULTS: dict[str, str] = {
     "slow-proxy": "the Django proxy latency p99 is above 3 s",
     "auth-failure-storm": "more than 10 % of requests fail authentication",
     "logs-partial": "the Logs query API returns partial results with an error",
+    "export-truncated": (
+        "the first 2 export responses per route end partway, like a proxy timeout"
+    ),
+    "export-cross-org-row": (
+        "each export includes one row of another org, as a missing tenant filter would"
+    ),
+    "export-page-drift": (
+        "JSON pages after the first shift by one row, so one id repeats and one is lost"
+    ),
+    "export-formula-cells": (
+        "some reward descriptions start with =, +, -, @, tab or CR, as user input may"
+    ),
 }
 
 
