@@ -37,6 +37,7 @@ def build_service(settings: Settings) -> BlobServiceClient:
         return build_blob_service(
             connection_string=settings.blob_connection_string.get_secret_value(),
             account_url=settings.blob_account_url,
+            retry_total=settings.blob_retry_total,
         )
     except ValueError as error:
         raise StorageUnavailableError(

@@ -152,3 +152,86 @@ def test_org_without_session_rejected(env, prefect_server, ue_env):
     """An org with no session in UE_PROBE_SESSIONS fails before any request."""
     with pytest.raises(ExportConfigurationError, match="UE_PROBE_SESSIONS"):
         export_all("org_nosession1")
+
+
+def run_with_fault(ue_env, fault: str, bulk: int = 0, **overrides: str):
+    """Run export-all once against a sandbox with `fault`, returning the state."""
+    with SandboxProcess(
+        orgs=2, faults=[fault], storage=True, bulk_rewards=bulk
+    ) as faulty:
+        ue_env(dict(faulty.env, **overrides))
+        state = export_all(ORG, return_state=True)
+        blobs = [b.name for b in container(faulty.env).list_blobs()]
+        source = None
+        if state.is_completed():
+            entry = state.result()["exports"][0]
+            source = fetch_source(faulty.env, entry["source_url"])
+            stored = container(faulty.env).download_blob(entry["blob"]).readall()
+            source = (source, stored)
+        events = httpx.get(
+            faulty.env["UE_PAGERDUTY_EVENTS_URL"].replace(
+                "/v2/enqueue", "/sandbox/events"
+            )
+        ).json()
+    return state, blobs, source, events
+
+
+def test_truncated_stream_retried(prefect_server, ue_env):
+    """A cut stream is retried and only the complete export is stored."""
+    state, blobs, source, _ = run_with_fault(ue_env, "export-truncated")
+    manifest = state.result()
+    rows = {e["name"]: e["rows"] for e in manifest["exports"]}
+    assert rows == {"rewards": 50, "tax-cra": 20}
+    assert source[0] == source[1]
+
+
+def test_cross_org_row_quarantined(prefect_server, ue_env):
+    """A foreign row fails the export, quarantines the file and pages critical."""
+    state, blobs, _, events = run_with_fault(ue_env, "export-cross-org-row")
+    published = [b for b in blobs if b.startswith(f"{ORG}/")]
+    quarantined = [b for b in blobs if b.startswith(f"quarantine/{ORG}/")]
+    pages = [e for e in events if e["dedup_key"].endswith("export.ownership")]
+    assert state.is_failed()
+    assert published == []
+    assert len(quarantined) == 2
+    assert pages[0]["payload"]["severity"] == "critical"
+
+
+def test_page_drift_fails(prefect_server, ue_env):
+    """Pages whose order shifts are caught, not accepted, and nothing is stored."""
+    state, blobs, _, _ = run_with_fault(
+        ue_env, "export-page-drift", bulk=250, UE_EXPORT_FORMAT="json"
+    )
+    assert state.is_failed()
+    assert "served twice" in state.message or "served twice" in str(
+        state.result(raise_on_failure=False)
+    )
+    assert not [b for b in blobs if b.endswith("manifest.json")]
+
+
+def test_formula_cells_counted(prefect_server, ue_env):
+    """Formula-like cells are counted in the manifest and stored unchanged."""
+    state, _, source, _ = run_with_fault(ue_env, "export-formula-cells")
+    rewards = state.result()["exports"][0]
+    assert rewards["formula_cells"] >= 6
+    assert source[0] == source[1]
+
+
+def test_storage_unavailable_fails_fast(prefect_server, ue_env):
+    """Unreachable storage fails the flow with the reason, before any export."""
+    with SandboxProcess(orgs=2, faults=["storage-unavailable"], storage=True) as faulty:
+        ue_env(dict(faulty.env, UE_BLOB_RETRY_TOTAL="0"))
+        state = export_all(ORG, return_state=True)
+        error = state.result(raise_on_failure=False)
+    assert state.is_failed()
+    assert "Blob Storage unavailable" in str(error)
+
+
+def test_json_export_complete(prefect_server, ue_env, sandbox):
+    """A paged JSON export stores every page and counts every row."""
+    ue_env(dict(sandbox.env, UE_EXPORT_FORMAT="json"))
+    manifest = export_all(ORG)
+    rewards = manifest["exports"][0]
+    stored = json.loads(container(sandbox.env).download_blob(rewards["blob"]).readall())
+    assert rewards["rows"] == 50
+    assert sum(len(page["results"]) for page in stored) == 50

@@ -170,6 +170,9 @@ class Settings(BaseSettings):
         "", description="Storage account URL, signed in with DefaultAzureCredential."
     )
     blob_container: str = "evidence"
+    blob_retry_total: int = Field(
+        3, ge=0, description="Retries of each Blob Storage request (about 4, 6, 10 s)."
+    )
 
     # Redis, paging, state.
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")

@@ -29,6 +29,7 @@ FAULTS: dict[str, str] = {
     "export-formula-cells": (
         "some reward descriptions start with =, +, -, @, tab or CR, as user input may"
     ),
+    "storage-unavailable": "the Blob Storage account in the settings cannot be reached",
 }
 
 

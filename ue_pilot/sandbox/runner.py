@@ -71,6 +71,7 @@ class Sandbox:
     request_delay_ms: float = 0.0
     tenant_setting: str = "app.org_id"
     storage: bool = False
+    bulk_rewards: int = 0
     servers: list[RunningServer] = field(default_factory=list)
 
     def start(self) -> dict[str, str]:
@@ -83,6 +84,8 @@ class Sandbox:
             tenant_setting=self.tenant_setting,
         )
         try:
+            if self.bulk_rewards:
+                self.database.add_bulk_rewards(org_ids[0], self.bulk_rewards)
             return self._start_services(org_ids, faults)
         except BaseException:
             self.stop()
@@ -212,7 +215,7 @@ class SandboxProcess:
 
     def __init__(self, orgs: int = 3, faults: list[str] | tuple[str, ...] = (),
                  request_delay_ms: float = 0.0, timeout: float = 120.0,
-                 storage: bool = False) -> None:
+                 storage: bool = False, bulk_rewards: int = 0) -> None:
         validate_faults(list(faults))
         self._dir = tempfile.TemporaryDirectory(prefix="ue-sandbox-")
         env_file = Path(self._dir.name) / "env.json"
@@ -224,6 +227,8 @@ class SandboxProcess:
             command += ["--fault", name]
         if storage:
             command.append("--storage")
+        if bulk_rewards:
+            command += ["--bulk-rewards", str(bulk_rewards)]
         self.process = subprocess.Popen(
             command, stdout=log_file, stderr=log_file, stdin=subprocess.DEVNULL,
             preexec_fn=stop_with_parent,
@@ -270,7 +275,7 @@ def serve(args: argparse.Namespace) -> int:
     sandbox = Sandbox(org_count=args.orgs, faults=args.fault or [],
                       admin_url=args.admin_url, redis_url=args.redis_url,
                       request_delay_ms=args.request_delay_ms,
-                      storage=args.storage)
+                      storage=args.storage, bulk_rewards=args.bulk_rewards)
     stopping = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stopping.set())
@@ -302,6 +307,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--request-delay-ms", type=float, default=0.0)
     parser.add_argument("--storage", action="store_true",
                         help="also start Azurite's blob service")
+    parser.add_argument("--bulk-rewards", type=int, default=0,
+                        help="extra reward rows for the first org (about 100 "
+                        "bytes of CSV each)")
     return parser
 
 
