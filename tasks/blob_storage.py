@@ -10,8 +10,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import threading
 import uuid
-from dataclasses import dataclass, field
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, ResourceExistsError
@@ -26,6 +27,7 @@ from ue_pilot.settings import Settings
 from ue_pilot.storage import build_blob_service
 
 BLOCK_SIZE = 4 * 1024 * 1024
+MAX_BLOCKS_IN_FLIGHT = 4
 
 
 class StorageUnavailableError(RuntimeError):
@@ -61,24 +63,33 @@ def open_container(settings: Settings, create: bool = True) -> ContainerClient:
     return container
 
 
-@dataclass
 class BlockUpload:
     """One blob written block by block, hashed on the way.
 
-    `write` stages a block whenever the buffer reaches BLOCK_SIZE; `commit`
-    stages the rest and commits with Content-MD5 set, refusing to replace an
-    existing blob. Dropping the object before `commit` publishes nothing.
+    `write` hands a block to a background thread whenever the buffer reaches
+    BLOCK_SIZE, so uploading overlaps reading the source; at most
+    MAX_BLOCKS_IN_FLIGHT blocks wait in memory. `commit` stages the rest and
+    commits with Content-MD5 set, rejecting an existing blob. An upload that
+    is never committed publishes nothing.
     """
 
-    container: ContainerClient
-    name: str
-    content_type: str = "application/octet-stream"
-    sha256: "hashlib._Hash" = field(default_factory=hashlib.sha256)
-    md5: "hashlib._Hash" = field(default_factory=hashlib.md5)
-    size: int = 0
-    blocks: list[BlobBlock] = field(default_factory=list)
-    buffer: bytearray = field(default_factory=bytearray)
-    attempt: str = field(default_factory=lambda: uuid.uuid4().hex[:8])
+    def __init__(self, container: ContainerClient, name: str,
+                 content_type: str = "application/octet-stream") -> None:
+        self.container = container
+        self.name = name
+        self.content_type = content_type
+        self.sha256 = hashlib.sha256()
+        self.md5 = hashlib.md5()
+        self.size = 0
+        self.blocks: list[BlobBlock] = []
+        self.buffer = bytearray()
+        # Block ids must have one length within a blob; the attempt prefix
+        # keeps a retried upload from mixing with blocks of an earlier try.
+        self.attempt = uuid.uuid4().hex[:8]
+        self._client = container.get_blob_client(name)
+        self._pool = ThreadPoolExecutor(max_workers=2)
+        self._slots = threading.BoundedSemaphore(MAX_BLOCKS_IN_FLIGHT)
+        self._pending: list[Future] = []
 
     def write(self, data: bytes) -> None:
         self.sha256.update(data)
@@ -90,22 +101,38 @@ class BlockUpload:
             del self.buffer[:BLOCK_SIZE]
 
     def _stage(self, data: bytes) -> None:
-        # Block ids must have one length within a blob; the attempt prefix
-        # keeps a retried upload from mixing with blocks of an earlier try.
         block_id = base64.b64encode(
             f"{self.attempt}-{len(self.blocks):08d}".encode()
         ).decode()
-        self.container.get_blob_client(self.name).stage_block(block_id, data)
         self.blocks.append(BlobBlock(block_id=block_id))
+        self._raise_failed()
+        self._slots.acquire()
+        future = self._pool.submit(self._client.stage_block, block_id, data)
+        future.add_done_callback(lambda _: self._slots.release())
+        self._pending.append(future)
+
+    def _raise_failed(self) -> None:
+        for future in [f for f in self._pending if f.done()]:
+            future.result()
+            self._pending.remove(future)
+
+    def close(self) -> None:
+        """Stop the uploader threads without committing anything."""
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def commit(self, metadata: dict[str, str]) -> dict[str, object]:
-        if self.buffer or not self.blocks:
-            self._stage(bytes(self.buffer))
-            self.buffer.clear()
+        try:
+            if self.buffer or not self.blocks:
+                self._stage(bytes(self.buffer))
+                self.buffer.clear()
+            for future in self._pending:
+                future.result()
+        finally:
+            self.close()
         settings = ContentSettings(
             content_type=self.content_type, content_md5=bytearray(self.md5.digest())
         )
-        self.container.get_blob_client(self.name).commit_block_list(
+        self._client.commit_block_list(
             self.blocks,
             content_settings=settings,
             metadata=metadata,
