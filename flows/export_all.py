@@ -23,6 +23,7 @@ from tasks.exports import OwnershipBreachError, export_to_blob, session_token
 from tasks.paging import escalate
 from ue_pilot.checks import failed
 from ue_pilot.orgids import validate_org_id
+from ue_pilot.redact import install_log_redaction
 from ue_pilot.settings import Settings
 
 
@@ -94,6 +95,7 @@ def export_all(org_id: str, exports: list[str] | None = None) -> dict:
     """
     logger = get_run_logger()
     settings = Settings()
+    install_log_redaction(settings.secret_values())
     org = validate_org_id(org_id, settings.org_id_pattern)
     routes = select_exports(settings, exports)
     try:

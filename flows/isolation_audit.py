@@ -25,9 +25,10 @@ from tasks.http_access import probe_access
 from tasks.http_probes import probe_health
 from tasks.logs import query_telemetry
 from tasks.paging import escalate
-from tasks.state import ping_redis, plan_window, record_window
+from tasks.state import ping_redis, plan_window, record_window, register_probe_agent
 from ue_pilot.checks import CheckResult, Status, inconclusive, verdict
 from ue_pilot.orgids import validate_org_id
+from ue_pilot.redact import install_log_redaction, redact_check
 from ue_pilot.settings import Settings
 
 
@@ -81,24 +82,32 @@ def isolation_audit(orgs: list[str] | None = None) -> dict:
     """Audit every pilot org (or `orgs`) and return the verdict and every check."""
     logger = get_run_logger()
     settings = Settings()
+    secrets = settings.secret_values()
+    install_log_redaction(secrets)
     orgs = select_orgs(settings, orgs)
     logger.info("auditing %d org(s) at %s", len(orgs), settings.base_url)
 
     # Window
     window = plan_window(settings)
+    agent, agents = register_probe_agent(settings)
 
     # Health, telemetry, access and RLS run side by side.
     futures = [
-        (probe_health.submit(settings), ("health.ready", "health.health"), None),
+        (probe_health.submit(settings, agent), ("health.ready", "health.health"),
+         None),
         (ping_redis.submit(settings), ("health.redis",), None),
         (check_db_connections.submit(settings), ("health.db_connections",), None),
-        (query_telemetry.submit(settings, orgs, window), ("telemetry.liveness",), None),
-        (probe_access.submit(settings, orgs), ("access.probe_sessions",), orgs),
+        (query_telemetry.submit(settings, orgs, window, agents),
+         ("telemetry.liveness",), None),
+        (probe_access.submit(settings, orgs, agent), ("access.probe_sessions",), orgs),
         (inspect_rls_posture.submit(settings), POSTURE_CHECKS, None),
         (probe_rls_context.submit(settings, orgs), GLOBAL_CHECKS, None),
     ]
+    # Library errors can quote a secret; nothing below may carry one.
     checks = [
-        check for future, ids, scope in futures for check in gather(future, ids, scope)
+        redact_check(check, secrets)
+        for future, ids, scope in futures
+        for check in gather(future, ids, scope)
     ]
     outcome = verdict(checks)
 

@@ -37,12 +37,14 @@ SELECT polrelid, polname, polpermissive, polcmd,
 FROM pg_policy WHERE polrelid = ANY(%(oids)s)
 """
 
-# Views that read a tenant table through their rewrite rule.
+# Views and materialized views that read a tenant table through their rewrite
+# rule. A materialized view stores a copy of the rows, which row-level security
+# on the table no longer filters.
 VIEWS_SQL = """
 SELECT DISTINCT v.relname AS view, n.nspname AS schema, t.relname AS tenant_table,
-       coalesce(v.reloptions::text[], '{}') AS options
+       coalesce(v.reloptions::text[], '{}') AS options, v.relkind AS kind
 FROM pg_rewrite r
-JOIN pg_class v ON v.oid = r.ev_class AND v.relkind = 'v'
+JOIN pg_class v ON v.oid = r.ev_class AND v.relkind IN ('v', 'm')
 JOIN pg_namespace n ON n.oid = v.relnamespace
 JOIN pg_depend d ON d.objid = r.oid AND d.classid = 'pg_rewrite'::regclass
 JOIN pg_class t ON t.oid = d.refobjid
@@ -234,9 +236,11 @@ def check_always_true(policies, names) -> CheckResult:
 
 def check_views(views) -> CheckResult:
     unsafe = [
-        {"view": f"{schema}.{view}", "reads": table}
-        for view, schema, table, options in views
-        if not any(
+        {"view": f"{schema}.{view}", "reads": table,
+         "kind": "materialized view" if kind == "m" else "view"}
+        for view, schema, table, options, kind in views
+        if kind == "m"
+        or not any(
             opt.lower()
             in ("security_invoker=true", "security_invoker=on", "security_invoker=1")
             for opt in options
@@ -246,7 +250,8 @@ def check_views(views) -> CheckResult:
     if unsafe:
         return failed(
             "rls.views_security_invoker",
-            "views over tenant tables run with their owner's rights",
+            "views over tenant tables run with their owner's rights or hold a "
+            "copy of the rows",
             views=unsafe,
         )
     return passed(

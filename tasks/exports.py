@@ -13,7 +13,6 @@ import base64
 import codecs
 import csv
 import io
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from urllib.parse import urlsplit

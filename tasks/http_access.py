@@ -64,9 +64,10 @@ def path_variants(path: str) -> list[str]:
         "/" + path,
         f"{head}/{last[:-1]}%{ord(last[-1]):02X}",
         path + ";.css",
-        f"{head}/./{last}",
         f"{head}/%2e/{last}",
     ]
+    # NOTE: "/./" is not probed: httpx resolves dot segments before sending,
+    # so that spelling never reaches the server.
 
 
 def summarize_gate(
@@ -82,7 +83,10 @@ def summarize_gate(
             org,
             **observed,
         )
-    unclear = [p for p in probes if p.outcome not in CLOSED + ("redirected",)]
+    if not probes:
+        return inconclusive(check_id, "no route to probe", org, **observed)
+    # A redirect elsewhere than a login page may lead to the data itself.
+    unclear = [p for p in probes if p.outcome not in CLOSED]
     if unclear:
         return inconclusive(
             check_id, "some probes failed or answered unexpectedly", org, **observed
@@ -151,13 +155,19 @@ async def probe_org_gates(
     if other_org and not other_token:
         missing.append(f"any role of {other_org}")
     rejected_sessions: list[str] = []
+    used_sessions: set[str] = set()
+    accepted_sessions: set[str] = set()
 
     async def send_as(
         role_label: str, method: str, path: str, token: str | None, target: str | None
     ) -> Probe:
         probe = await prober.send(method, path, token=token, org=target)
+        used_sessions.add(role_label)
         if probe.outcome == "unauthenticated":
             rejected_sessions.append(role_label)
+        # Served, or refused with 403, the server knew who was asking.
+        if probe.outcome == "allowed" or probe.status == 403:
+            accepted_sessions.add(role_label)
         return probe
 
     results: list[CheckResult] = []
@@ -225,13 +235,16 @@ async def probe_org_gates(
             )
         )
 
-    results.append(evaluate_sessions(org, missing, rejected_sessions))
+    unproven = sorted(used_sessions - accepted_sessions - set(rejected_sessions))
+    results.append(evaluate_sessions(org, missing, rejected_sessions, unproven))
     return results
 
 
 def evaluate_other_org(org: str, probes: list[Probe]) -> CheckResult:
     check_id = "access.export_rejects_other_org"
     observed = {"probes": [p.describe() for p in probes]}
+    if not probes:
+        return inconclusive(check_id, "no export route to probe", org)
     leaked = [p for p in probes if p.outcome == "allowed" and p.row_orgs.get(org)]
     if leaked:
         return failed(
@@ -257,6 +270,9 @@ def evaluate_other_org(org: str, probes: list[Probe]) -> CheckResult:
 def evaluate_own_export(org: str, role: str, probes: list[Probe]) -> list[CheckResult]:
     observed = {"role": role, "probes": [p.describe() for p in probes]}
     allowed = [p for p in probes if p.outcome == "allowed"]
+    if not probes:
+        return [inconclusive("access.export_allows_own_org",
+                             "no export route to probe", org)]
     if any(p.outcome == "unauthenticated" for p in probes):
         access = inconclusive(
             "access.export_allows_own_org",
@@ -314,6 +330,9 @@ def evaluate_role_gate(
 ) -> CheckResult:
     check_id = "access.cross_org_requires_role"
     observed = {"roles_below_minimum": below, "probes": [p.describe() for p in probes]}
+    if not below:
+        return inconclusive(check_id, "no role ranks below the minimum in "
+                            "UE_ROLE_HIERARCHY, so the gate is unproven", org)
     if any(p.outcome == "allowed" for p in probes):
         return failed(
             check_id,
@@ -344,6 +363,8 @@ def evaluate_role_gate(
 def evaluate_min_role(org: str, role: str, probes: list[Probe]) -> CheckResult:
     check_id = "access.cross_org_allows_min_role"
     observed = {"role": role, "probes": [p.describe() for p in probes]}
+    if not probes:
+        return inconclusive(check_id, "no cross-org route to probe", org)
     if all(p.outcome == "allowed" for p in probes):
         return passed(check_id, f"role {role} is admitted", org, **observed)
     if any(p.outcome == "unauthenticated" for p in probes):
@@ -357,8 +378,16 @@ def evaluate_min_role(org: str, role: str, probes: list[Probe]) -> CheckResult:
     return inconclusive(check_id, "some probes failed", org, **observed)
 
 
-def evaluate_sessions(org: str, missing: list[str], rejected: list[str]) -> CheckResult:
+def evaluate_sessions(org: str, missing: list[str], rejected: list[str],
+                      unproven: list[str]) -> CheckResult:
     check_id = "access.probe_sessions"
+    if unproven and not (missing or rejected):
+        return inconclusive(
+            check_id,
+            "no response proved these probe sessions valid (no 2xx or 403)",
+            org,
+            unproven=unproven,
+        )
     if missing or rejected:
         return inconclusive(
             check_id,
@@ -372,11 +401,13 @@ def evaluate_sessions(org: str, missing: list[str], rejected: list[str]) -> Chec
 
 
 @task(name="probe-access", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
-async def probe_access(settings: Settings, orgs: list[str]) -> list[CheckResult]:
+async def probe_access(
+    settings: Settings, orgs: list[str], user_agent: str | None = None
+) -> list[CheckResult]:
     """Probe the export and cross-org gates for every org in one task."""
     logger = get_run_logger()
     sessions = settings.probe_session_map()
-    async with build_http_client(settings) as client:
+    async with build_http_client(settings, user_agent) as client:
         prober = Prober(client, settings)
         jobs = [probe_anonymous_gates(prober, orgs[0])]
         for index, org in enumerate(orgs):

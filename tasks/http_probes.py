@@ -11,7 +11,7 @@ import csv
 import io
 import json
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+from urllib.parse import urlencode, urlsplit
 
 import httpx
 from prefect import get_run_logger, task
@@ -23,6 +23,7 @@ from ue_pilot.settings import Settings
 
 # Bytes of a response body read to classify it; an export can be large.
 BODY_SAMPLE_BYTES = 256 * 1024
+HEALTH_BODY_BYTES = 64 * 1024
 LOGIN_MARKERS = ("sign-in", "signin", "login", "log-in", "auth")
 
 # Headers that have let requests slip past auth middleware in real frameworks,
@@ -68,14 +69,21 @@ def is_login_redirect(location: str) -> bool:
     return any(marker in path for marker in LOGIN_MARKERS)
 
 
-def classify(status: int, location: str, has_body: bool, method: str) -> str:
-    """Map a response to allowed, rejected, unauthenticated or redirected."""
+def classify(status: int, location: str, has_body: bool, method: str,
+             with_session: bool = False) -> str:
+    """Map a response to allowed, rejected, unauthenticated or redirected.
+
+    A redirect to a login page rejects an anonymous request; for a request
+    carrying a session it means the server did not accept the session.
+    """
     if status == 401:
         return "unauthenticated"
     if status in (403, 404, 405):
         return "rejected"
     if 300 <= status < 400:
-        return "rejected" if is_login_redirect(location) else "redirected"
+        if not is_login_redirect(location):
+            return "redirected"
+        return "unauthenticated" if with_session else "rejected"
     if 200 <= status < 300:
         # A CORS preflight response carries no data. Anything else served is access.
         if method == "OPTIONS" and not has_body:
@@ -85,12 +93,20 @@ def classify(status: int, location: str, has_body: bool, method: str) -> str:
 
 
 def count_row_orgs(body: bytes, content_type: str, org_field: str) -> dict[str, int]:
-    """Count the rows per org in a sample of an export body (CSV or paged JSON)."""
+    """Count the rows per org in a sample of an export body (CSV or paged JSON).
+
+    A body that cannot be parsed yields no counts rather than an error, so one
+    odd response cannot take the other probes' evidence down with it.
+    """
+    try:
+        return parse_row_orgs(body, content_type, org_field)
+    except (csv.Error, RecursionError, ValueError, TypeError, AttributeError):
+        return {}
+
+
+def parse_row_orgs(body: bytes, content_type: str, org_field: str) -> dict[str, int]:
     if "json" in content_type:
-        try:
-            data = json.loads(body)
-        except ValueError:
-            return {}
+        data = json.loads(body)
         rows = data.get("results", data) if isinstance(data, dict) else data
         counts: dict[str, int] = {}
         for row in rows if isinstance(rows, list) else []:
@@ -101,8 +117,8 @@ def count_row_orgs(body: bytes, content_type: str, org_field: str) -> dict[str, 
 
     text = body.decode("utf-8-sig", errors="replace")
     lines = text.splitlines()
-    if len(body) >= BODY_SAMPLE_BYTES and lines:
-        lines = lines[:-1]  # the sample may end inside the last record
+    if lines and not text.endswith("\n"):
+        lines = lines[:-1]  # a sample or a cut body may end inside a record
     reader = csv.DictReader(io.StringIO("\n".join(lines)))
     counts = {}
     if not reader.fieldnames or org_field not in reader.fieldnames:
@@ -122,59 +138,101 @@ async def send_probe(
     params: dict[str, str] | None = None,
     headers: dict[str, str] | None = None,
 ) -> Probe:
-    """Send one request and classify its response without keeping any row."""
-    request_headers = dict(headers or {})
-    if token:
-        request_headers["Authorization"] = f"Bearer {token}"
+    """Send one request and classify its response without keeping any row.
+
+    The request must finish within twice the HTTP timeout in all, so a server
+    that drips bytes cannot hold the audit.
+    """
     try:
-        async with client.stream(
-            method, path, params=params, headers=request_headers
-        ) as response:
-            body = b""
-            async for chunk in response.aiter_bytes():
-                body += chunk
-                if len(body) >= BODY_SAMPLE_BYTES:
-                    break
-            location = response.headers.get("location", "")
-            outcome = classify(response.status_code, location, bool(body), method)
-            row_orgs = {}
-            if outcome == "allowed" and body:
-                row_orgs = count_row_orgs(
-                    body,
-                    response.headers.get("content-type", ""),
-                    settings.export_org_field,
-                )
-            return Probe(
-                method, path, response.status_code, outcome, location, row_orgs=row_orgs
-            )
+        return await asyncio.wait_for(
+            exchange(client, settings, method, path, token, params, headers),
+            timeout=2 * settings.http_timeout_seconds,
+        )
+    except TimeoutError:
+        return Probe(method, path, None, "error", error="request timed out")
     except httpx.HTTPError as error:
         return Probe(
             method, path, None, "error", error=f"{type(error).__name__}: {error}"
         )
 
 
+def probe_url(client: httpx.AsyncClient, path: str,
+              params: dict[str, str] | None) -> httpx.URL:
+    """Build the URL with `path` sent as written.
+
+    httpx would otherwise merge "//" and resolve "/./", and those spellings
+    are what some auth middleware matches differently.
+    """
+    raw = path + ("?" + urlencode(params) if params else "")
+    return client.base_url.copy_with(raw_path=raw.encode())
+
+
+async def exchange(client, settings, method, path, token, params, headers) -> Probe:
+    request_headers = dict(headers or {})
+    if token:
+        request_headers["Authorization"] = f"Bearer {token}"
+    request = client.build_request(method, probe_url(client, path, params),
+                                   headers=request_headers)
+    response = await client.send(request, stream=True)
+    try:
+        body = b""
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) >= BODY_SAMPLE_BYTES:
+                break
+        # Only the path of a redirect is kept: its query may carry a token.
+        location = urlsplit(response.headers.get("location", "")).path
+        outcome = classify(response.status_code, location, bool(body), method,
+                           with_session=bool(token))
+        row_orgs = {}
+        if outcome == "allowed" and body:
+            row_orgs = count_row_orgs(
+                body,
+                response.headers.get("content-type", ""),
+                settings.export_org_field,
+            )
+        return Probe(
+            method, path, response.status_code, outcome, location, row_orgs=row_orgs
+        )
+    finally:
+        await response.aclose()
+
+
 @task(
     name="probe-health", retries=2, retry_delay_seconds=[5, 15], cache_policy=NO_CACHE
 )
-async def probe_health(settings: Settings) -> list[CheckResult]:
+async def probe_health(
+    settings: Settings, user_agent: str | None = None
+) -> list[CheckResult]:
     """Probe the readiness and health routes (runbook step 1)."""
     logger = get_run_logger()
-    async with build_http_client(settings) as client:
+    async with build_http_client(settings, user_agent) as client:
         ready, health = await asyncio.gather(
             send_probe(client, settings, "GET", settings.ready_path),
-            client_json(client, settings.health_path),
+            client_json(client, settings.health_path,
+                        2 * settings.http_timeout_seconds),
         )
     logger.info("health.ready: %s %s", ready.status, ready.outcome)
     return [evaluate_ready(ready), evaluate_health(*health)]
 
 
-async def client_json(client: httpx.AsyncClient, path: str):
+async def client_json(client: httpx.AsyncClient, path: str,
+                      timeout: float) -> tuple[int | None, object, str]:
+    """GET a JSON route, reading at most HEALTH_BODY_BYTES of its body."""
     try:
-        response = await client.get(path)
+        async with asyncio.timeout(timeout):
+            async with client.stream("GET", path) as response:
+                body = b""
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) > HEALTH_BODY_BYTES:
+                        return response.status_code, None, "body too large"
+    except TimeoutError:
+        return None, None, "request timed out"
     except httpx.HTTPError as error:
         return None, None, f"{type(error).__name__}: {error}"
     try:
-        return response.status_code, response.json(), ""
+        return response.status_code, json.loads(body), ""
     except ValueError:
         return response.status_code, None, "body is not JSON"
 

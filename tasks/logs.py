@@ -9,7 +9,7 @@ that the expected events and metrics are arriving at all.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from string import Template
 
 from azure.core.exceptions import AzureError
@@ -63,7 +63,6 @@ def kql_list(values: list[str]) -> str:
 
 def render(template: str, settings: Settings, **values: str) -> str:
     names = dict(SCHEMAS[settings.logs_schema])
-    names["probe_ua"] = kql_string(settings.probe_user_agent)
     names.update(values)
     return Template(template).substitute(names)
 
@@ -90,7 +89,7 @@ QUERIES = {
     # Runbook step 3, weighted by itemCount and without the audit's own probes.
     "auth": """$events
 | where $name in ("auth_failure", "role_check_failed", "auth_success")
-| where tostring($dims.userAgent) !startswith $probe_ua
+| where tostring($dims.userAgent) !in ($probe_agents)
 | summarize events = sum($items) by name = $name, orgId = tostring($dims.orgId)""",
     # Runbook step 4.
     "query_volume": """$metrics
@@ -106,7 +105,7 @@ QUERIES = {
 | summarize total = sum($sum * $items)""",
     "monitor_auth_rate": """$events
 | where $name in ("auth_failure", "auth_success")
-| where tostring($dims.userAgent) !startswith $probe_ua
+| where tostring($dims.userAgent) !in ($probe_agents)
 | summarize failures = sum(iff($name == "auth_failure", $items, 0)),
     total = sum($items) by bin($ts, ${auth_bin}m)""",
     # Rows may be pre-aggregated; the p99 of each row's maximum can only
@@ -121,8 +120,15 @@ QUERIES = {
 }
 
 
-def build_queries(settings: Settings) -> dict[str, str]:
+def build_queries(settings: Settings, probe_agents: list[str]) -> dict[str, str]:
+    """Render every query; `probe_agents` are the audit's own recent User-Agents.
+
+    Each run probes with a User-Agent carrying a random run marker, so the
+    auth failure counts can leave the audit's own probes out without letting
+    anyone else hide behind a guessable User-Agent.
+    """
     values = {
+        "probe_agents": kql_list(probe_agents or [""]),
         "event_names": kql_list(settings.liveness_events),
         "metric_names": kql_list(settings.liveness_metrics),
         "query_metric": kql_string(settings.query_total_metric),
@@ -189,7 +195,7 @@ def run_query(
 
 
 def run_all(
-    settings: Settings, window: tuple[datetime, datetime]
+    settings: Settings, window: tuple[datetime, datetime], probe_agents: list[str]
 ) -> dict[str, QueryOutcome]:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -197,7 +203,7 @@ def run_all(
         problem = "no UE_LOGS_RESOURCE_ID or UE_LOGS_WORKSPACE_ID is set"
         return {key: QueryOutcome(None, problem) for key in QUERIES}
     client = build_logs_client(settings)
-    queries = build_queries(settings)
+    queries = build_queries(settings, probe_agents)
     # azure-core's HTTP connection pool keeps 10 connections per host.
     with ThreadPoolExecutor(max_workers=min(8, len(queries))) as pool:
         futures = {
@@ -214,11 +220,14 @@ def run_all(
     cache_policy=NO_CACHE,
 )
 def query_telemetry(
-    settings: Settings, orgs: list[str], window: tuple[datetime, datetime]
+    settings: Settings,
+    orgs: list[str],
+    window: tuple[datetime, datetime],
+    probe_agents: list[str],
 ) -> list[CheckResult]:
     """Run every telemetry and monitor query once for all orgs and evaluate them."""
     logger = get_run_logger()
-    outcomes = run_all(settings, window)
+    outcomes = run_all(settings, window, probe_agents)
     for key, outcome in outcomes.items():
         if not outcome.ok:
             logger.warning("query %s: %s", key, outcome.problem)
@@ -228,14 +237,25 @@ def query_telemetry(
         window[0].isoformat(),
         window[1].isoformat(),
     )
-    return evaluate_telemetry(settings, orgs, outcomes)
+    return evaluate_telemetry(settings, orgs, outcomes, window[1])
 
 
 def evaluate_telemetry(
-    settings: Settings, orgs: list[str], outcomes: dict[str, QueryOutcome]
+    settings: Settings,
+    orgs: list[str],
+    outcomes: dict[str, QueryOutcome],
+    window_end: datetime,
 ) -> list[CheckResult]:
-    """Turn query outcomes into checks, all inconclusive unless liveness holds."""
-    liveness = evaluate_liveness(settings, outcomes)
+    """Turn query outcomes into checks, all inconclusive unless liveness holds.
+
+    A query whose rows do not have the expected columns or types makes its
+    own checks inconclusive, not the whole task.
+    """
+    try:
+        liveness = evaluate_liveness(settings, outcomes, window_end)
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
+        liveness = inconclusive("telemetry.liveness",
+                                f"malformed liveness result: {error!r}"[:300])
     dependent = evaluate_dependent(settings, orgs, outcomes)
     if liveness.status != Status.PASS:
         reason = f"telemetry liveness is {liveness.status.value}: {liveness.summary}"
@@ -247,8 +267,13 @@ def evaluate_telemetry(
 
 
 def evaluate_liveness(
-    settings: Settings, outcomes: dict[str, QueryOutcome]
+    settings: Settings, outcomes: dict[str, QueryOutcome], window_end: datetime
 ) -> CheckResult:
+    """Pass when every expected event and metric arrived, the newest recently.
+
+    Rows that stopped arriving long before the window's end would leave the
+    rest of the window unobserved, and zero rows there prove nothing.
+    """
     check_id = "telemetry.liveness"
     problems = [
         outcomes[key].problem
@@ -272,18 +297,64 @@ def evaluate_liveness(
             seen=seen,
             missing=missing,
         )
+    latest = {
+        row["name"]: as_utc(row["latest"])
+        for key in ("liveness_events", "liveness_metrics")
+        for row in outcomes[key].rows
+    }
+    oldest_allowed = window_end - timedelta(minutes=settings.telemetry_max_age_minutes)
+    stale = {name: latest[name].isoformat() for name in expected
+             if latest[name] < oldest_allowed}
+    if stale:
+        return inconclusive(
+            check_id,
+            f"expected telemetry stopped more than {settings.telemetry_max_age_minutes}"
+            " minutes before the window's end: " + ", ".join(stale),
+            seen=seen,
+            stale=stale,
+        )
     return passed(check_id, "expected events and metrics are arriving", seen=seen)
+
+
+def as_utc(value: object) -> datetime:
+    """Read a datetime cell, which the client returns parsed or as ISO text."""
+    moment = value if isinstance(value, datetime) else datetime.fromisoformat(
+        str(value).replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def evaluate_dependent(
     settings: Settings, orgs: list[str], outcomes: dict[str, QueryOutcome]
 ) -> list[CheckResult]:
-    checks = [evaluate_ue_metrics(outcomes["ue_metrics"])]
-    checks += evaluate_cross_org(orgs, outcomes["cross_org"])
-    checks += evaluate_auth(settings, orgs, outcomes["auth"])
-    checks += evaluate_volume(orgs, outcomes["query_volume"])
-    checks += evaluate_monitors(settings, outcomes)
+    steps = [
+        (("telemetry.ue_metrics",), None,
+         lambda: [evaluate_ue_metrics(outcomes["ue_metrics"])]),
+        (("telemetry.cross_org_events",), orgs,
+         lambda: evaluate_cross_org(orgs, outcomes["cross_org"])),
+        (("telemetry.auth_failures",), orgs,
+         lambda: evaluate_auth(settings, orgs, outcomes["auth"])),
+        (("telemetry.query_volume",), orgs,
+         lambda: evaluate_volume(orgs, outcomes["query_volume"])),
+        (MONITOR_CHECKS, None, lambda: evaluate_monitors(settings, outcomes)),
+    ]
+    checks = []
+    for check_ids, scopes, evaluate in steps:
+        try:
+            checks += evaluate()
+        except (KeyError, TypeError, ValueError, AttributeError) as error:
+            reason = f"malformed query result: {error!r}"[:300]
+            checks += [inconclusive(check_id, reason, org)
+                       for check_id in check_ids for org in (scopes or [None])]
     return checks
+
+
+MONITOR_CHECKS = (
+    "monitor.ue_pilot_health_degraded",
+    "monitor.ue_rls_context_mismatch",
+    "monitor.ue_auth_failure_rate",
+    "monitor.ue_django_proxy_latency_p99",
+    "monitor.ue_export_unauthenticated",
+)
 
 
 def evaluate_ue_metrics(outcome: QueryOutcome) -> CheckResult:

@@ -68,7 +68,8 @@ async def send_event(client: httpx.AsyncClient, url: str, event: dict) -> str:
             if response.status_code == 202:
                 return "sent"
             if response.status_code not in RETRY_STATUSES:
-                return f"rejected: HTTP {response.status_code} {response.text[:200]}"
+                # The body is left out: an error body may quote the routing key.
+                return f"rejected: HTTP {response.status_code}"
             outcome = f"HTTP {response.status_code}"
         await asyncio.sleep(min(2**attempt, 30))
     return f"gave up after {MAX_ATTEMPTS} attempts ({outcome})"
@@ -86,7 +87,7 @@ async def escalate(settings: Settings, checks: list[CheckResult]) -> dict[str, o
     open_key = f"{settings.state_prefix}:open-incidents"
     try:
         already_open = set(store.smembers(open_key))
-    except redis.RedisError as error:
+    except (redis.RedisError, ValueError) as error:
         logger.warning(
             "open incidents unknown (%s); no resolves this run", type(error).__name__
         )

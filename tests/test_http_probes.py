@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
-from tasks.http_access import path_variants
-from tasks.http_probes import classify, count_row_orgs
+from tasks.http_access import path_variants, summarize_gate
+from tasks.http_probes import Probe, classify, count_row_orgs, probe_url
 
 CASES = [
     (401, "", True, "GET", "unauthenticated"),
@@ -67,3 +68,47 @@ def test_path_variants_differ_from_path():
     variants = path_variants(path)
     assert path not in variants
     assert len(set(variants)) == len(variants)
+
+
+def test_login_redirect_with_session_is_unauthenticated():
+    """A session redirected to sign-in was not accepted by the server."""
+    assert (
+        classify(302, "/sign-in", False, "GET", with_session=True) == "unauthenticated"
+    )
+
+
+def test_redirect_elsewhere_is_inconclusive():
+    """A redirect to anything but a login page does not prove the gate closed."""
+    probe = Probe(
+        "GET", "/api/v2/rewards/export", 302, "redirected", "/downloads/org_a.csv"
+    )
+    check = summarize_gate("access.export_requires_auth", [probe], None, "closed")
+    assert check.status.value == "inconclusive"
+
+
+def test_no_probes_is_inconclusive():
+    """A gate check with nothing probed proves nothing."""
+    check = summarize_gate("access.cross_org_requires_auth", [], None, "closed")
+    assert check.status.value == "inconclusive"
+
+
+def test_raw_paths_sent_unchanged():
+    """Double slashes and encoded dots reach the server as written."""
+    client = httpx.AsyncClient(base_url="http://127.0.0.1:9")
+    for path in ("//api/v2/rewards/export", "/api/v2/%2e/rewards/export"):
+        assert (
+            probe_url(client, path, {"orgId": "org_a"}).raw_path
+            == (path + "?orgId=org_a").encode()
+        )
+
+
+def test_huge_csv_field_counts_nothing():
+    """A field over the csv module's limit yields no counts instead of an error."""
+    body = b"id,org_id,notes\n1,org_a," + b"x" * 200_000 + b"\n"
+    assert count_row_orgs(body, "text/csv", "org_id") == {}
+
+
+def test_cut_last_line_dropped():
+    """A body that ends inside a record does not count the partial record."""
+    body = b"id,org_id\n1,org_a\n2,org_"
+    assert count_row_orgs(body, "text/csv", "org_id") == {"org_a": 1}

@@ -175,6 +175,7 @@ def test_unreachable_app_fails_clearly(prefect_server, ue_env, clean_sandbox):
     ready = [c for c in result["checks"] if c["id"] == "health.ready"][0]
     assert ready["status"] == "fail"
     assert "ConnectError" in ready["observed"]["error"]
+    assert statuses(result, "access.probe_sessions") == {"inconclusive"}
     assert result["verdict"] == "fail"
 
 
@@ -275,3 +276,43 @@ def test_health_failure_pages_error(prefect_server, ue_env):
         if e["dedup_key"] == "ue-pilot/deployment/health.ready"
     }
     assert severities == {"error"}
+
+
+def test_spoofed_probe_agent_still_counted(prefect_server, ue_env, clean_sandbox):
+    """Failures sent with a probe-like User-Agent are not hidden from the rate."""
+    base = clean_sandbox.env["UE_BASE_URL"]
+    with httpx.Client(base_url=base) as client:
+        for _ in range(300):
+            client.get(
+                "/api/v2/rewards/export",
+                params={"orgId": "org_sandbox0001"},
+                headers={
+                    "Authorization": "Bearer not-a-session",
+                    "User-Agent": "ue-pilot-audit/1 (attacker)",
+                },
+            )
+    ue_env(dict(clean_sandbox.env, UE_STATE_PREFIX="spoof-test-" + uuid.uuid4().hex))
+    result = isolation_audit()
+    assert statuses(result, "monitor.ue_auth_failure_rate") == {"fail"}
+
+
+def test_materialized_view_fails(prefect_server, ue_env):
+    """A materialized view over a tenant table fails the view check."""
+    with SandboxProcess(orgs=2) as sandbox:
+        database = sandbox.env["UE_DATABASE_URL"].rsplit("/", 1)[1]
+        admin = f"postgresql://postgres@127.0.0.1:5432/{database}"
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(
+                "CREATE MATERIALIZED VIEW member_directory AS SELECT * FROM members"
+            )
+        ue_env(sandbox.env)
+        result = isolation_audit()
+    assert statuses(result, "rls.views_security_invoker") == {"fail"}
+
+
+def test_secret_in_error_redacted(prefect_server, ue_env, clean_sandbox):
+    """A password quoted by a library error never reaches the result."""
+    url = "postgresql://ue_audit:brkDbPw996@[::1:5432/ue"
+    ue_env(dict(clean_sandbox.env, UE_DATABASE_URL=url))
+    result = isolation_audit()
+    assert "brkDbPw996" not in json.dumps(result)

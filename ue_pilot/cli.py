@@ -166,6 +166,13 @@ def render_summary(result: dict) -> str:
             f"{counts[s]} {s}" for s in ("pass", "fail", "inconclusive") if counts[s]
         ]
         lines.append(f"  {check_id:<{width}}  {', '.join(parts)}")
+    paging = result.get("paging") or {}
+    if "skipped" in paging:
+        lines += ["", f"Paging skipped: {paging['skipped']}"]
+    elif paging:
+        lines += ["", f"Paging: {len(paging['triggered'])} triggered, "
+                  f"{len(paging['resolved'])} resolved, "
+                  f"{len(paging['errors'])} not delivered"]
     problems = [c for c in checks if c["status"] != "pass"]
     if problems:
         lines += ["", "Not passing:"]

@@ -6,6 +6,7 @@ point production at Azure, Clerk and PagerDuty.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from urllib.parse import urlsplit
 
@@ -42,7 +43,9 @@ def is_loopback(url: str) -> bool:
     return (urlsplit(url).hostname or "") in LOOPBACK_HOSTS
 
 
-def build_http_client(settings: Settings) -> httpx.AsyncClient:
+def build_http_client(
+    settings: Settings, user_agent: str | None = None
+) -> httpx.AsyncClient:
     """Build the client for the UE application's routes.
 
     Redirects are not followed: a redirect to a login page is a rejection, and
@@ -57,7 +60,7 @@ def build_http_client(settings: Settings) -> httpx.AsyncClient:
         timeout=settings.http_timeout_seconds,
         follow_redirects=False,
         limits=limits,
-        headers={"User-Agent": settings.probe_user_agent},
+        headers={"User-Agent": user_agent or settings.probe_user_agent},
         trust_env=False,
     )
 
@@ -65,12 +68,7 @@ def build_http_client(settings: Settings) -> httpx.AsyncClient:
 def build_logs_client(settings: Settings) -> LogsQueryClient:
     """Build the Azure Monitor Logs client, against Azure or the configured endpoint."""
     if settings.logs_auth == "static":
-        if not (settings.logs_endpoint and is_loopback(settings.logs_endpoint)):
-            raise ValueError(
-                "UE_LOGS_AUTH=static is only allowed with a loopback "
-                f"UE_LOGS_ENDPOINT (got {settings.logs_endpoint!r}); use "
-                "UE_LOGS_AUTH=default against Azure"
-            )
+        # Settings validation already limits a static token to loopback.
         credential = StaticTokenCredential(
             settings.logs_static_token.get_secret_value()
         )
@@ -79,17 +77,27 @@ def build_logs_client(settings: Settings) -> LogsQueryClient:
 
         credential = DefaultAzureCredential()
 
-    options: dict[str, object] = {}
+    # azure-core's default retries re-send a timed-out query four times; two
+    # keep a dead endpoint from holding the audit for many minutes.
+    options: dict[str, object] = {"retry_total": 2}
     if settings.logs_endpoint:
         options["endpoint"] = settings.logs_endpoint + "/v1"
     return LogsQueryClient(credential, **options)
 
 
 def logs_call_options(settings: Settings) -> dict[str, object]:
-    """Return per-call options: azure-core rejects bearer tokens over http by default."""
+    """Return per-call options: timeouts, and plain http for a loopback stand-in.
+
+    azure-core rejects bearer tokens over http unless told otherwise, and its
+    default read timeout of 300 s does not follow the query's server timeout.
+    """
+    options: dict[str, object] = {
+        "connection_timeout": 10,
+        "read_timeout": settings.logs_server_timeout_seconds + 30,
+    }
     if settings.logs_endpoint.startswith("http://"):
-        return {"enforce_https": False}
-    return {}
+        options["enforce_https"] = False
+    return options
 
 
 def connect_database(settings: Settings) -> psycopg.Connection:
@@ -113,3 +121,13 @@ def build_redis(settings: Settings) -> redis.Redis:
 
 def user_agent() -> str:
     return f"ue-pilot/{__version__}"
+
+
+def probe_agents_key(base_url: str) -> str:
+    """Return the Redis key of the probe agents sent to one target.
+
+    The key follows the target, not UE_STATE_PREFIX: every audit of the same
+    application leaves the same kind of traffic behind.
+    """
+    digest = hashlib.sha256(base_url.encode()).hexdigest()[:16]
+    return f"ue-pilot:probe-agents:{digest}"

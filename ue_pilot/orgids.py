@@ -19,22 +19,22 @@ def validate_org_id(org_id: object, pattern: str = r"^org_[A-Za-z0-9]{1,60}$") -
     """
     if not isinstance(org_id, str) or not org_id.strip():
         raise InvalidOrgIdError(
-            f"invalid org id {org_id!r}: it is empty; pass a Clerk org id such as "
+            f"invalid org id {org_id!a}: it is empty; pass a Clerk org id such as "
             "org_2abc123"
         )
     if len(org_id) > MAX_ORG_ID_LENGTH:
         raise InvalidOrgIdError(
-            f"invalid org id {org_id[:20]!r}... ({len(org_id)} characters): the "
+            f"invalid org id {org_id[:20]!a}... ({len(org_id)} characters): the "
             f"maximum is {MAX_ORG_ID_LENGTH}"
         )
     if any(mark in org_id for mark in ("..", "/", "\\", "*", "?", "%", "[", "]")):
         raise InvalidOrgIdError(
-            f"invalid org id {org_id!r}: path separators, '..' and wildcards are "
+            f"invalid org id {org_id!a}: path separators, '..' and wildcards are "
             "not allowed; pass one exact org id"
         )
     if not re.fullmatch(pattern, org_id):
         raise InvalidOrgIdError(
-            f"invalid org id {org_id!r}: it does not match UE_ORG_ID_PATTERN "
+            f"invalid org id {org_id!a}: it does not match UE_ORG_ID_PATTERN "
             f"{pattern!r}; check the id or change the pattern"
         )
     return org_id

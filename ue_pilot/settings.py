@@ -24,7 +24,13 @@ def _split_list(value: object) -> object:
     if isinstance(value, str):
         text = value.strip()
         if text.startswith("["):
-            return json.loads(text)
+            try:
+                return json.loads(text)
+            except json.JSONDecodeError:
+                raise ValueError(
+                    "not a JSON list; give a comma-separated list or a JSON list "
+                    'such as ["a", "b"]'
+                ) from None
         return [part.strip() for part in text.split(",") if part.strip()]
     return value
 
@@ -87,8 +93,8 @@ class Settings(BaseSettings):
         "ue-pilot-audit/1",
         description="User-Agent of the audit's probes; monitors leave these requests out.",
     )
-    http_timeout_seconds: float = 10.0
-    http_concurrency: int = 32
+    http_timeout_seconds: float = Field(10.0, gt=0)
+    http_concurrency: int = Field(32, ge=1, le=1024)
 
     # Telemetry (Azure Monitor Logs).
     logs_resource_id: str = Field(
@@ -111,11 +117,18 @@ class Settings(BaseSettings):
     )
     logs_static_token: SecretStr = SecretStr("")
     logs_server_timeout_seconds: int = 60
-    window_minutes: int = Field(60, description="Audit interval covered by one run.")
-    window_overlap_minutes: int = Field(
-        15, description="How far each window reaches back into the previous one."
+    window_minutes: int = Field(
+        60, ge=1, description="Audit interval covered by one run."
     )
-    window_max_lookback_minutes: int = 24 * 60
+    window_overlap_minutes: int = Field(
+        15, ge=0, description="How far each window reaches back into the previous one."
+    )
+    telemetry_max_age_minutes: int = Field(
+        20,
+        ge=1,
+        description="Liveness fails when the newest expected row is older than this.",
+    )
+    window_max_lookback_minutes: int = Field(24 * 60, ge=1)
     readiness_test_name: str = Field(
         RUNBOOK_READINESS_TEST,
         description="availabilityResults test name of the readiness probe.",
@@ -131,9 +144,9 @@ class Settings(BaseSettings):
     export_unauthenticated_metric: str = "ue_export_unauthenticated"
     query_total_metric: str = "ue_query_total"
     readiness_failures_threshold: int = 3
-    readiness_window_minutes: int = 5
-    auth_failure_rate_threshold: float = 0.10
-    auth_failure_window_minutes: int = 5
+    readiness_window_minutes: int = Field(5, ge=1)
+    auth_failure_rate_threshold: float = Field(0.10, ge=0, le=1)
+    auth_failure_window_minutes: int = Field(5, ge=1)
     proxy_latency_p99_threshold_ms: float = 3000.0
 
     # PostgreSQL.
@@ -207,10 +220,62 @@ class Settings(BaseSettings):
             )
         return value.rstrip("/")
 
+    @field_validator("org_id_pattern")
+    @classmethod
+    def _check_pattern(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as error:
+            raise ValueError(f"invalid regular expression {value!r}: {error}") from None
+        return value
+
+    @field_validator("export_paths", "cross_org_paths", "ready_path", "health_path")
+    @classmethod
+    def _check_paths(cls, value: list[str] | str) -> list[str] | str:
+        paths = value if isinstance(value, list) else [value]
+        if not paths:
+            raise ValueError("empty: at least one route path is needed")
+        for path in paths:
+            # Probe sessions are sent to these paths, so they must stay on
+            # UE_BASE_URL: no scheme, no host, no "//" start.
+            if not re.fullmatch(r"/(?!/)[A-Za-z0-9._~!$&'()*+,;=:@%/-]*", path):
+                raise ValueError(
+                    f"invalid route path {path!r}: expected a path on UE_BASE_URL "
+                    "such as /api/v2/rewards/export"
+                )
+        return value
+
+    @field_validator("rls_context_sql")
+    @classmethod
+    def _check_context_sql(cls, value: str) -> str:
+        # The audit runs this statement as the application role; anything but
+        # one set_config call could do harm even in a READ ONLY transaction.
+        if ";" in value or not re.match(r"^\s*select\s+set_config\s*\(", value, re.I):
+            raise ValueError(
+                f"invalid UE_RLS_CONTEXT_SQL {value!r}: expected one "
+                "SELECT set_config(%(setting)s, %(org)s, true|false) statement"
+            )
+        return value
+
     @model_validator(mode="after")
     def _check_consistency(self) -> Settings:
         for org_id in self.pilot_org_ids:
             validate_org_id(org_id, self.org_id_pattern)
+        duplicates = sorted({o for o in self.pilot_org_ids
+                             if self.pilot_org_ids.count(o) > 1})
+        if duplicates:
+            raise ValueError(
+                f"UE_PILOT_ORG_IDS lists {duplicates} more than once; list each "
+                "org once"
+            )
+        if self.logs_auth == "static":
+            host = re.sub(r"^https?://", "", self.logs_endpoint).split("/")[0]
+            if host.rsplit(":", 1)[0] not in ("127.0.0.1", "localhost", "[::1]"):
+                raise ValueError(
+                    "UE_LOGS_AUTH=static is only allowed with a loopback "
+                    f"UE_LOGS_ENDPOINT (got {self.logs_endpoint!r}); use "
+                    "UE_LOGS_AUTH=default against Azure"
+                )
         if self.cross_org_min_role not in self.role_hierarchy:
             raise ValueError(
                 f"UE_CROSS_ORG_MIN_ROLE={self.cross_org_min_role!r} is not in "
@@ -258,7 +323,33 @@ class Settings(BaseSettings):
             raise ValueError(
                 'invalid UE_PROBE_SESSIONS: expected {"<org id>": {"<role>": "<token>"}}'
             )
+        for org, roles in data.items():
+            for role, token in roles.items():
+                # A token goes into an Authorization header: visible ASCII only.
+                if not isinstance(token, str) or not re.fullmatch(r"[!-~]{8,4096}", token):
+                    raise ValueError(
+                        f"invalid UE_PROBE_SESSIONS token for org {org!r} role "
+                        f"{role!r}: expected 8 or more visible ASCII characters"
+                    )
         return data
+
+    def secret_values(self) -> list[str]:
+        """Return every secret string, longest first, for redaction."""
+        values = [
+            getattr(self, name).get_secret_value()
+            for name, field in type(self).model_fields.items()
+            if field.annotation is SecretStr
+        ]
+        for url in (self.database_url, self.redis_url):
+            password = re.search(r"://[^:/@]*:([^@]+)@", url.get_secret_value())
+            if password:
+                values.append(password.group(1))
+        try:
+            values += [t for roles in self.probe_session_map().values()
+                       for t in roles.values()]
+        except ValueError:
+            pass
+        return sorted({v for v in values if len(v) >= 6}, key=len, reverse=True)
 
     def roles_below(self, role: str) -> list[str]:
         """Return the roles ranked below `role` in the hierarchy."""

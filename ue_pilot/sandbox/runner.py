@@ -25,12 +25,13 @@ from pathlib import Path
 
 import redis
 
+from ue_pilot.clients import probe_agents_key
 from ue_pilot.sandbox.app import SessionRegistry, create_ue_app
+from ue_pilot.sandbox.azurite import Azurite
 from ue_pilot.sandbox.database import SandboxDatabase, drop_leftovers
 from ue_pilot.sandbox.faults import validate_faults
 from ue_pilot.sandbox.logs_api import create_logs_app
 from ue_pilot.sandbox.pagerduty import create_pagerduty_app
-from ue_pilot.sandbox.azurite import Azurite
 from ue_pilot.sandbox.servers import (
     RequestDelay,
     RunningServer,
@@ -112,6 +113,7 @@ class Sandbox:
             org_ids=org_ids, request_delay_ms=self.request_delay_ms,
         ))
         self.servers.append(app)
+        self.app_url = app.url
         logs_app = create_logs_app(
             self.telemetry, token=logs_token, workspace_id=WORKSPACE_ID,
             resource_id=RESOURCE_ID, partial="logs-partial" in faults,
@@ -173,6 +175,8 @@ class Sandbox:
         database = getattr(self, "database", None)
         if database is not None:
             self._forget_state(f"ue-pilot-{database.name}")
+            if getattr(self, "app_url", ""):
+                self._forget_state(probe_agents_key(self.app_url))
             database.drop()
 
     def _forget_state(self, prefix: str) -> None:
