@@ -44,16 +44,18 @@ def is_loopback(url: str) -> bool:
 
 
 def build_http_client(
-    settings: Settings, user_agent: str | None = None
+    settings: Settings,
+    user_agent: str | None = None,
+    max_connections: int | None = None,
 ) -> httpx.AsyncClient:
     """Build the client for the UE application's routes.
 
     Redirects are not followed: a redirect to a login page is a rejection, and
     following it would turn the rejection into a 200.
     """
+    connections = max_connections or settings.http_concurrency
     limits = httpx.Limits(
-        max_connections=settings.http_concurrency,
-        max_keepalive_connections=settings.http_concurrency,
+        max_connections=connections, max_keepalive_connections=connections
     )
     return httpx.AsyncClient(
         base_url=settings.base_url,
