@@ -144,10 +144,18 @@ async def send_probe(
     that drips bytes cannot hold the audit.
     """
     try:
-        return await asyncio.wait_for(
-            exchange(client, settings, method, path, token, params, headers),
-            timeout=2 * settings.http_timeout_seconds,
-        )
+        try:
+            return await asyncio.wait_for(
+                exchange(client, settings, method, path, token, params, headers),
+                timeout=2 * settings.http_timeout_seconds,
+            )
+        except httpx.RemoteProtocolError:
+            # A server may close a kept-alive connection just as it is reused;
+            # the request was never answered, so sending it once more is safe.
+            return await asyncio.wait_for(
+                exchange(client, settings, method, path, token, params, headers),
+                timeout=2 * settings.http_timeout_seconds,
+            )
     except TimeoutError:
         return Probe(method, path, None, "error", error="request timed out")
     except httpx.HTTPError as error:
