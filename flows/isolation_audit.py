@@ -28,7 +28,7 @@ from tasks.paging import escalate
 from tasks.state import ping_redis, plan_window, record_window, register_probe_agent
 from ue_pilot.checks import CheckResult, Status, inconclusive, verdict
 from ue_pilot.orgids import validate_org_id
-from ue_pilot.redact import install_log_redaction, redact_check
+from ue_pilot.redact import install_log_redaction, redact_checks
 from ue_pilot.settings import Settings
 
 
@@ -104,11 +104,10 @@ def isolation_audit(orgs: list[str] | None = None) -> dict:
         (probe_rls_context.submit(settings, orgs), GLOBAL_CHECKS, None),
     ]
     # Library errors can quote a secret; nothing below may carry one.
-    checks = [
-        redact_check(check, secrets)
-        for future, ids, scope in futures
-        for check in gather(future, ids, scope)
-    ]
+    checks = redact_checks(
+        [check for future, ids, scope in futures for check in gather(future, ids, scope)],
+        secrets,
+    )
     outcome = verdict(checks)
 
     # Escalate

@@ -31,6 +31,18 @@ def redact_check(check: CheckResult, secrets: list[str]) -> CheckResult:
     )
 
 
+def redact_checks(checks: list[CheckResult], secrets: list[str]) -> list[CheckResult]:
+    """Return `checks` with secrets masked, scanning all of them in one pass first.
+
+    Secrets are rare in results, so one scan of the whole list usually shows
+    that nothing needs rewriting.
+    """
+    text = json.dumps([c.to_dict() for c in checks], default=str)
+    if not any(secret in text for secret in secrets):
+        return checks
+    return [redact_check(check, secrets) for check in checks]
+
+
 class RedactingFilter(logging.Filter):
     """Mask secret values in log records before any handler sees them."""
 
