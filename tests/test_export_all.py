@@ -235,3 +235,36 @@ def test_json_export_complete(prefect_server, ue_env, sandbox):
     stored = json.loads(container(sandbox.env).download_blob(rewards["blob"]).readall())
     assert rewards["rows"] == 50
     assert sum(len(page["results"]) for page in stored) == 50
+
+
+def test_no_token_in_artifacts_or_logs(env, prefect_server):
+    """The run's artifacts and log lines carry no session token."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        LogFilter,
+        LogFilterFlowRunId,
+    )
+
+    state = export_all(ORG, return_state=True)
+    run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])
+            )
+        )
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
+        )
+    texts = [str(a.data) + str(a.description) for a in artifacts]
+    texts += [log.message for log in logs]
+    tokens = [
+        t
+        for roles in json.loads(env["UE_PROBE_SESSIONS"]).values()
+        for t in roles.values()
+    ]
+    assert len(artifacts) >= 4
+    assert logs
+    assert [t for t in tokens for text in texts if t in text] == []
