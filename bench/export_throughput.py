@@ -990,6 +990,54 @@ def describe_code() -> str:
     return f"- code: commit {commit}, {state} to tracked files"
 
 
+def render_method(args: argparse.Namespace) -> list[str]:
+    """Return the description of what the figures measure."""
+    rounds = "one round" if args.rounds == 1 else f"{args.rounds} rounds"
+    text = f"""\
+`bench/export_throughput.py` measures the export-all flow on exports of
+{ORG}'s rewards into Azurite. Each size gets its own sandbox (2 orgs,
+Azurite, and the extra reward rows inserted once), and {rounds} of the two
+sides, one after the other:
+
+- **baseline**: what the runbook does by hand.
+  `curl -s --fail --noproxy '*' -o FILE -H @HEADERS URL` fetches
+  `{EXPORT_PATH}?orgId={ORG}&format=csv`, where the header file holds
+  `Authorization: Bearer <admin session of {ORG}>`. Then a child process
+  calls `upload_blob(open(FILE, "rb"), overwrite=True)` on a `BlobClient` of
+  `BlobServiceClient.from_connection_string`, with the SDK's default upload
+  options. Its time is the curl time plus the upload call's time.
+- **flow**: `export_all("{ORG}", exports=["{EXPORT}"])` in a child process,
+  reporting to a warm Prefect server that the script starts on 127.0.0.1
+  with a temporary PREFECT_HOME (one warm-up run first). The flow wall time
+  is the flow call alone, without the child's start-up and imports. The
+  export task time is the `export-to-blob` task run's start to end in the
+  Prefect API: it opens the container, then fetches, scans, hashes and
+  uploads, and commits the block list. The manifest window is the manifest
+  entry's `started` to `finished`. `finished` is taken when the stream ends,
+  before the last blocks are committed, so the window is slightly shorter.
+
+How to read the tables:
+
+- Times are the median of the rounds, with the range in brackets when the
+  rounds differ. Throughput is bytes over the median time, in MB/s of
+  10^6 bytes. A ratio is the median baseline time over the median flow
+  time, which is the flow's throughput over the baseline's.
+- Peak RSS is VmHWM of the measuring child, in MiB. `ru_maxrss` is not
+  used: Python 3.11 starts children with vfork, and Linux then carries the
+  parent's peak RSS into the child's `ru_maxrss` at exec. RSS by quarter is
+  the highest RSS sampled every 0.25 s up to each quarter of the flow call,
+  in the round with the highest peak.
+- Every round's manifest must carry the size and SHA-256 of that round's
+  curl file. After the last round both blobs are downloaded and hashed up to
+  {args.download_max_bytes:,} bytes. Above that only the blobs' sizes are
+  compared with the curl file's, and the flow's SHA-256 is the one in its
+  manifest, which the flow computed over the bytes it uploaded.
+- In the CPU table, the rest of the machine is the busy CPU time in
+  /proc/stat less the listed processes. It includes the PostgreSQL backend
+  that serves the export, and any other job on the machine."""
+    return text.splitlines()
+
+
 def render_section(
     args: argparse.Namespace,
     results: list[Measurement],
@@ -1003,6 +1051,8 @@ def render_section(
     lines = [
         DOC_BEGIN,
         "## Export throughput",
+        "",
+        *render_method(args),
         "",
         f"Command: `{command}`",
         "",

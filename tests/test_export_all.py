@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 
 import httpx
 import pytest
@@ -249,15 +250,21 @@ def test_no_token_in_artifacts_or_logs(env, prefect_server):
 
     state = export_all(ORG, return_state=True)
     run_id = state.state_details.flow_run_id
+    # Log records reach the API in batches, every two seconds by default.
     with get_client(sync_client=True) as client:
         artifacts = client.read_artifacts(
             artifact_filter=ArtifactFilter(
                 flow_run_id=ArtifactFilterFlowRunId(any_=[run_id])
             )
         )
-        logs = client.read_logs(
-            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
-        )
+        logs = []
+        for _ in range(40):
+            logs = client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[run_id]))
+            )
+            if logs:
+                break
+            time.sleep(0.5)
     texts = [str(a.data) + str(a.description) for a in artifacts]
     texts += [log.message for log in logs]
     tokens = [
