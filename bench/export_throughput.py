@@ -61,8 +61,8 @@ DOC_PATH = REPO / "docs" / "benchmarks.md"
 DOC_BEGIN = "<!-- export-throughput:begin -->"
 DOC_END = "<!-- export-throughput:end -->"
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
-# httpcore reads at most 64 KiB per socket read, so the flow's scanner sees
-# chunks of up to this size; the offline timing feeds the same.
+# httpcore reads at most 64 KiB per socket read, so the flow's scanner receives
+# chunks of up to this size. The offline timing feeds chunks of the same size.
 CHUNK_BYTES = 64 * 1024
 
 # Targets: flow throughput over baseline throughput, and the flow child's peak RSS.
@@ -78,10 +78,10 @@ RSS_FRACTIONS = (0.25, 0.5, 0.75, 1.0)
 def peak_rss_mib() -> float:
     """Return this process's peak resident set size (VmHWM), in MiB.
 
-    `ru_maxrss` is not used: Python 3.11 starts children with vfork, and Linux
-    carries the parent's peak RSS into the child's `ru_maxrss` at exec, so a
-    child of a large parent reports at least the parent's peak. VmHWM belongs
-    to the address space that exec created.
+    `ru_maxrss` is not used. Python 3.11 starts children with vfork, and Linux
+    carries the parent's peak RSS into the child's `ru_maxrss` at exec. A child
+    of a large parent thus reports at least the parent's peak. VmHWM belongs to
+    the address space that exec created.
     """
     return read_status_kib("VmHWM") / 1024
 
@@ -262,7 +262,7 @@ def measure_upload(path: Path, blob_name: str, watched: dict[str, list[int]]) ->
 def profile_fetch(path: Path, blob_name: str, top: int) -> dict:
     """Profile one `fetch_into` and the commit of its blocks with cProfile.
 
-    cProfile sees only the calling thread, so block uploads appear as waits
+    cProfile records only the calling thread, so block uploads appear as waits
     for a free upload slot. Before that, the scanner and the two hashes are
     timed alone over the curl file at `path`, without the network and without
     the profiler's per-call overhead.
@@ -444,7 +444,7 @@ def without_proxies(environ) -> dict[str, str]:
 
 
 def write_private(path: Path, text: str) -> Path:
-    """Write `text` to a file only this user can read (it holds secrets)."""
+    """Write `text`, which contains secrets, to a file only this user can read."""
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(descriptor, "w") as file:
         file.write(text)
@@ -554,7 +554,7 @@ class SizeRun:
         return json.loads(lines[-1])
 
     def run_curl(self, path: Path) -> tuple[float, dict[str, float]]:
-        """Fetch the export with curl into `path`; return wall and CPU seconds.
+        """Fetch the export with curl into `path` and return its wall and CPU seconds.
 
         The session header is read from a private file, so the token does not
         show in the process list.
@@ -591,7 +591,7 @@ class SizeRun:
 
 
 def start_sandbox(rows: int, timeout: float):
-    """Start a sandbox with storage and `rows` bulk rewards; return it and its time."""
+    """Start a sandbox with storage and `rows` bulk rewards, and time its start."""
     from ue_pilot.sandbox.runner import SandboxProcess
 
     started = time.perf_counter()
@@ -766,7 +766,7 @@ def check_curl_file(export_file: Path, result: Measurement) -> None:
 def verify_blobs(
     container, flow_blob: str, result: Measurement, download_max_bytes: int
 ) -> None:
-    """Check the last round's blobs against the curl file; raise BenchError if not.
+    """Check the last round's blobs against the curl file, raising BenchError if not.
 
     Each round's manifest was already compared with its curl file. Records in
     `result.verified` how each side was checked.
@@ -1010,11 +1010,12 @@ sides, one after the other:
   reporting to a warm Prefect server that the script starts on 127.0.0.1
   with a temporary PREFECT_HOME (one warm-up run first). The flow wall time
   is the flow call alone, without the child's start-up and imports. The
-  export task time is the `export-to-blob` task run's start to end in the
-  Prefect API: it opens the container, then fetches, scans, hashes and
-  uploads, and commits the block list. The manifest window is the manifest
-  entry's `started` to `finished`. `finished` is taken when the stream ends,
-  before the last blocks are committed, so the window is slightly shorter.
+  export task time is the `export-to-blob` task run's time from start to end
+  in the Prefect API. The task opens the container, fetches, scans, hashes
+  and uploads the export, and commits the block list. The manifest window is
+  the manifest entry's `started` to `finished`. `finished` is taken when the
+  stream ends, before the last blocks are committed, so the window is
+  slightly shorter.
 
 How to read the tables:
 
@@ -1030,7 +1031,7 @@ How to read the tables:
 - Every round's manifest must carry the size and SHA-256 of that round's
   curl file. After the last round both blobs are downloaded and hashed up to
   {args.download_max_bytes:,} bytes. Above that only the blobs' sizes are
-  compared with the curl file's, and the flow's SHA-256 is the one in its
+  compared with the curl file's. The flow's SHA-256 is then the one in its
   manifest, which the flow computed over the bytes it uploaded.
 - In the CPU table, the rest of the machine is the busy CPU time in
   /proc/stat less the listed processes. It includes the PostgreSQL backend
@@ -1171,16 +1172,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--rounds",
         type=int,
         default=3,
-        help="Rounds of baseline then flow per size; the tables show medians "
+        help="Rounds of baseline, then flow, per size. The tables show medians "
         "and ranges (default: 3).",
     )
     parser.add_argument(
         "--download-max-bytes",
         type=int,
         default=500_000_000,
-        help="Download and hash blobs up to this many bytes; "
-        "compare sizes and the manifest's sha256 above it "
-        "(default: 500000000).",
+        help="Download and hash blobs up to this many bytes. Above it, compare "
+        "sizes and the manifest's sha256 (default: 500000000).",
     )
     parser.add_argument(
         "--no-profile",
@@ -1212,6 +1212,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="Print the results without updating docs/benchmarks.md.",
     )
+
+    # Options of the measuring children, which the parent passes.
     parser.add_argument(
         "--measure", choices=("flow", "upload", "profile"), help=argparse.SUPPRESS
     )
