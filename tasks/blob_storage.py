@@ -67,7 +67,7 @@ class BlockUpload:
     """One blob written block by block, hashed on the way.
 
     `write` hands a block to a background thread whenever the buffer reaches
-    BLOCK_SIZE, so uploading overlaps reading the source; at most
+    BLOCK_SIZE, so uploading overlaps reading the source. At most
     MAX_BLOCKS_IN_FLIGHT blocks wait in memory. `commit` stages the rest and
     commits with Content-MD5 set, rejecting an existing blob. An upload that
     is never committed publishes nothing.

@@ -1,10 +1,10 @@
 """PostgreSQL checks: connection headroom, row-level security posture and the
 tenant context (runbook step 2, "Verify RLS is active for the pilot org").
 
-The audit connects as a read-only role. To see exactly what the application
-sees it switches to the application role (`SET LOCAL ROLE`) inside READ ONLY
-transactions, which needs the audit role to be a member of the application
-role. Without that membership the behavioural checks are inconclusive.
+The audit connects as a read-only role. To read exactly the rows the
+application reads, it switches to the application role (`SET LOCAL ROLE`)
+inside READ ONLY transactions. That needs the audit role to be a member of
+the application role. Without that membership the behavioural checks are inconclusive.
 """
 
 from __future__ import annotations

@@ -125,7 +125,7 @@ class CsvScanner:
 
 @dataclass
 class ExportResult:
-    """What one stored export holds, for the manifest. No row content."""
+    """Manifest entry of one stored export, without any row content."""
 
     name: str
     source_url: str
@@ -401,8 +401,8 @@ def export_to_blob(
             scan.foreign_rows,
             quarantine,
         )
-        _, held, _ = fetch_into(container, settings, org, name, path, quarantine)
-        held.commit({"org": org, "export": name, "status": "quarantined"})
+        _, quarantined, _ = fetch_into(container, settings, org, name, path, quarantine)
+        quarantined.commit({"org": org, "export": name, "status": "quarantined"})
         raise OwnershipBreachError(
             f"export {name!r} of {org} carries {scan.foreign_rows} row(s) of other "
             f"org(s) {sorted(scan.foreign_orgs)}; quarantined at {quarantine}",

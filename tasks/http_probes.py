@@ -151,7 +151,7 @@ async def send_probe(
             )
         except httpx.RemoteProtocolError:
             # A server may close a kept-alive connection just as it is reused;
-            # the request was never answered, so sending it once more is safe.
+            # no response was sent, so sending it once more is safe.
             return await asyncio.wait_for(
                 exchange(client, settings, method, path, token, params, headers),
                 timeout=2 * settings.http_timeout_seconds,

@@ -33,7 +33,7 @@ def ping_redis(settings: Settings) -> CheckResult:
 def register_probe_agent(settings: Settings) -> tuple[str, list[str]]:
     """Pick this run's probe User-Agent and return it with those of recent runs.
 
-    The random run marker cannot be guessed from outside, so nobody can hide
+    The random run marker cannot be guessed from outside, so no client can hide
     requests among the probes that the auth failure counts leave out. Without
     Redis only this run's agent is known, and earlier runs' probes count as
     ordinary traffic: the rate can then only read too high, never too low.
@@ -61,7 +61,7 @@ def window_key(settings: Settings) -> str:
 def plan_window(settings: Settings) -> tuple[datetime, datetime]:
     """Choose the query window: from the previous window's end less the overlap.
 
-    Late-ingested rows land in the overlap, so the next run still sees them.
+    Late-ingested rows land in the overlap, so the next run still reads them.
     The first run, or a run after Redis lost its state, covers one interval
     plus the overlap; the start never reaches back past the maximum lookback.
     """

@@ -157,6 +157,7 @@ def render_summary(result: dict) -> str:
         f"window {result['window']['start']} .. {result['window']['end']}",
         "",
     ]
+
     by_id: dict[str, Counter] = {}
     for check in checks:
         by_id.setdefault(check["id"], Counter())[check["status"]] += 1
@@ -166,6 +167,7 @@ def render_summary(result: dict) -> str:
             f"{counts[s]} {s}" for s in ("pass", "fail", "inconclusive") if counts[s]
         ]
         lines.append(f"  {check_id:<{width}}  {', '.join(parts)}")
+
     paging = result.get("paging") or {}
     if "skipped" in paging:
         lines += ["", f"Paging skipped: {paging['skipped']}"]
@@ -173,6 +175,7 @@ def render_summary(result: dict) -> str:
         lines += ["", f"Paging: {len(paging['triggered'])} triggered, "
                   f"{len(paging['resolved'])} resolved, "
                   f"{len(paging['errors'])} not delivered"]
+
     problems = [c for c in checks if c["status"] != "pass"]
     if problems:
         lines += ["", "Not passing:"]

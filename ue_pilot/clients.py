@@ -90,7 +90,7 @@ def build_logs_client(settings: Settings) -> LogsQueryClient:
 def logs_call_options(settings: Settings) -> dict[str, object]:
     """Return per-call options: timeouts, and plain http for a loopback stand-in.
 
-    azure-core rejects bearer tokens over http unless told otherwise, and its
+    azure-core rejects bearer tokens over http unless enforce_https is off, and its
     default read timeout of 300 s does not follow the query's server timeout.
     """
     options: dict[str, object] = {

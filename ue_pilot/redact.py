@@ -44,7 +44,7 @@ def redact_checks(checks: list[CheckResult], secrets: list[str]) -> list[CheckRe
 
 
 class RedactingFilter(logging.Filter):
-    """Mask secret values in log records before any handler sees them."""
+    """Mask secret values in log records before any handler receives them."""
 
     def __init__(self, secrets: list[str]) -> None:
         super().__init__()

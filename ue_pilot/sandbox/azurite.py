@@ -87,7 +87,7 @@ class Azurite:
         `location` is the data directory. When it is None, a temporary one is
         created and `stop()` deletes it. `port` 0 picks a free port. Raises
         AzuriteStartError when `binary` is missing, the port is in use, or
-        Azurite exits or does not answer within `timeout` seconds.
+        Azurite exits or does not respond within `timeout` seconds.
         """
         if not binary.exists():
             raise AzuriteStartError(

@@ -50,8 +50,8 @@ RESOURCE_ID = (
     "/providers/microsoft.insights/components/ue-pilot-sandbox"
 )
 WORKSPACE_ID = "11111111-1111-1111-1111-111111111111"
-# How the sandbox application sets the tenant context; the rls-session-set
-# fault sets it for the whole session, as a deployment with that flaw does.
+# Statements the sandbox application sets the tenant context with. The
+# rls-session-set fault sets it for the whole session, as a flawed deployment does.
 CONTEXT_SQL_LOCAL = "SELECT set_config(%(setting)s, %(org)s, true)"
 CONTEXT_SQL_SESSION = "SELECT set_config(%(setting)s, %(org)s, false)"
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
@@ -215,7 +215,7 @@ class SandboxStartError(RuntimeError):
 
 
 class SandboxProcess:
-    """The sandbox in a child process; `env` holds its `UE_*` settings."""
+    """The sandbox in a child process; `env` contains its `UE_*` settings."""
 
     def __init__(self, orgs: int = 3, faults: list[str] | tuple[str, ...] = (),
                  request_delay_ms: float = 0.0, timeout: float = 120.0,

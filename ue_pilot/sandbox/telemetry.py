@@ -3,7 +3,7 @@
 The store keeps three tables in the classic Application Insights column shapes
 (`customEvents`, `customMetrics`, `availabilityResults`) and shows the same rows
 under the workspace-schema names (`AppEvents`, `AppMetrics`,
-`AppAvailabilityResults`). Every query sees only the rows inside its timespan,
+`AppAvailabilityResults`). Every query reads only the rows inside its timespan,
 as Log Analytics restricts every table by the request's timespan.
 """
 
