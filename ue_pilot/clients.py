@@ -121,6 +121,35 @@ def build_redis(settings: Settings) -> redis.Redis:
     )
 
 
+def build_clerk(settings: Settings):
+    """Build the Clerk SDK client, retrying 429 and 5XX answers with backoff.
+
+    The SDK's own default retries only 5XX, for up to an hour. This retries 429
+    too, honouring Retry-After, and gives up after `UE_CLERK_RETRY_MAX_SECONDS`.
+    `status_codes_override` replaces each operation's list, so 5XX is named again.
+    """
+    from clerk_backend_api import Clerk
+    from clerk_backend_api.utils import BackoffStrategy, RetryConfig
+
+    retry = RetryConfig(
+        "backoff",
+        BackoffStrategy(
+            initial_interval=200,
+            max_interval=5_000,
+            exponent=1.5,
+            max_elapsed_time=int(settings.clerk_retry_max_seconds * 1000),
+        ),
+        retry_connection_errors=True,
+        status_codes_override=["429", "5XX"],
+    )
+    return Clerk(
+        bearer_auth=settings.clerk_secret_key.get_secret_value(),
+        server_url=settings.clerk_api_url,
+        retry_config=retry,
+        timeout_ms=int(settings.http_timeout_seconds * 1000),
+    )
+
+
 def user_agent() -> str:
     return f"ue-pilot/{__version__}"
 

@@ -187,6 +187,21 @@ class Settings(BaseSettings):
         3, ge=0, description="Retries of each Blob Storage request (about 4, 6, 10 s)."
     )
 
+    # Clerk (identity provider).
+    clerk_api_url: str = Field(
+        "https://api.clerk.com/v1", description="Clerk Backend API base URL."
+    )
+    clerk_secret_key: SecretStr = Field(
+        SecretStr(""), description="Clerk secret key (sk_live_...)."
+    )
+    clerk_status_key: str = Field(
+        "ue_pilot_status",
+        description="Public metadata key of an org's pilot status, which UE honours.",
+    )
+    clerk_retry_max_seconds: float = Field(
+        30.0, gt=0, description="How long Clerk requests retry 429 and 5XX answers."
+    )
+
     # Redis, paging, state.
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     pagerduty_routing_key: SecretStr = SecretStr("")

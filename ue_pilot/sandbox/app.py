@@ -28,7 +28,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -124,9 +124,11 @@ class SessionRegistry:
     Thread-safe, because tests issue tokens while the server thread reads them.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, org_active: Callable[[str], bool] | None = None) -> None:
         self._sessions: dict[str, Identity] = {}
         self._lock = threading.Lock()
+        # An org the identity provider marks disabled has no valid sessions.
+        self.org_active = org_active
 
     def issue(
         self, org_id: str | None, role: str = "member", *, user_id: str | None = None
@@ -158,9 +160,15 @@ class SessionRegistry:
             return self._sessions.pop(token, None) is not None
 
     def resolve(self, token: str) -> Identity | None:
-        """Return the identity of a token, or None for an unknown token."""
+        """Return the identity of a token, or None for an unknown token.
+
+        A token of an org that `org_active` reports disabled resolves to None.
+        """
         with self._lock:
-            return self._sessions.get(token)
+            identity = self._sessions.get(token)
+        if identity is None or identity.org_id is None or self.org_active is None:
+            return identity
+        return identity if self.org_active(identity.org_id) else None
 
 
 def normalize_path(raw_path: str) -> str:

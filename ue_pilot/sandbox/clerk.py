@@ -50,7 +50,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from ue_pilot.sandbox.faults import UnknownFaultError
+from ue_pilot.sandbox.faults import FAULTS, UnknownFaultError
 
 __all__ = [
     "CLERK_FAULTS",
@@ -62,8 +62,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 CLERK_FAULTS: dict[str, str] = {
-    "clerk-rate-limited": "every third Backend API request gets 429, Retry-After: 1",
-    "session-survives-revoke": "a revoke returns the session revoked but it stays active",
+    name: FAULTS[name] for name in ("clerk-rate-limited", "session-survives-revoke")
 }
 
 RATE_LIMIT_WINDOW_SECONDS = 10
@@ -278,6 +277,30 @@ class ClerkState:
             logger.info(
                 "clerk organization created: organization_id=%s", organization["id"]
             )
+            return self._render_organization(organization, members_count=True)
+
+    def seed_organization(
+        self, organization_id: str, name: str, slug: str, created_by: str | None
+    ) -> dict:
+        """Create an organization with a fixed id, as the sandbox's pilot orgs need.
+
+        The Backend API always generates ids. The sandbox seeds its orgs with the
+        ids its database and telemetry use, so this bypasses that.
+        """
+        fields = {
+            "name": name,
+            "max_allowed_memberships": 0,
+            "public_metadata": {},
+            "private_metadata": {},
+            "created_by": created_by,
+        }
+        with self._lock:
+            if organization_id in self._organizations:
+                raise _identifier_exists("id", organization_id)
+            slug = self._claim_slug(slug, name)
+            organization = self._insert_organization(fields, slug, organization_id)
+            if created_by is not None:
+                self._add_membership(organization, created_by, "org:admin", {})
             return self._render_organization(organization, members_count=True)
 
     def get_organization(self, organization_id_or_slug: str) -> dict:
@@ -698,11 +721,13 @@ class ClerkState:
             candidate = f"{_slugify(name)}-{secrets.token_hex(3)}"
         return candidate
 
-    def _insert_organization(self, fields: dict, slug: str) -> dict:
+    def _insert_organization(
+        self, fields: dict, slug: str, organization_id: str | None = None
+    ) -> dict:
         now = _now_ms()
         organization = {
             "object": "organization",
-            "id": _new_id("org_"),
+            "id": organization_id or _new_id("org_"),
             "slug": slug,
             "has_image": False,
             "admin_delete_enabled": True,

@@ -30,6 +30,12 @@ FAULTS: dict[str, str] = {
         "some reward descriptions start with =, +, -, @, tab or CR, as user input may"
     ),
     "storage-unavailable": "the Blob Storage account in the settings cannot be reached",
+    "clerk-rate-limited": (
+        "every third Clerk Backend API request gets 429 with Retry-After: 1"
+    ),
+    "session-survives-revoke": (
+        "Clerk returns a revoked session as revoked but keeps it active"
+    ),
 }
 
 

@@ -28,6 +28,12 @@ import redis
 from ue_pilot.clients import probe_agents_key
 from ue_pilot.sandbox.app import SessionRegistry, create_ue_app
 from ue_pilot.sandbox.azurite import Azurite
+from ue_pilot.sandbox.clerk import (
+    CLERK_FAULTS,
+    ClerkAPIError,
+    ClerkState,
+    create_clerk_app,
+)
 from ue_pilot.sandbox.database import SandboxDatabase, drop_leftovers
 from ue_pilot.sandbox.faults import validate_faults
 from ue_pilot.sandbox.logs_api import create_logs_app
@@ -44,6 +50,9 @@ from ue_pilot.sandbox.traffic import TrafficGenerator, seed_history
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 ROLES = ("member", "admin", "owner")
+# Clerk roles of the seeded member and admin; the owner creates the org.
+CLERK_ROLES = ("org:member", "org:admin")
+CLERK_STATUS_KEY = "ue_pilot_status"
 HISTORY_MINUTES = 120
 RESOURCE_ID = (
     "/subscriptions/00000000-0000-0000-0000-000000000000/resourceGroups/ue-sandbox"
@@ -55,6 +64,40 @@ WORKSPACE_ID = "11111111-1111-1111-1111-111111111111"
 CONTEXT_SQL_LOCAL = "SELECT set_config(%(setting)s, %(org)s, true)"
 CONTEXT_SQL_SESSION = "SELECT set_config(%(setting)s, %(org)s, false)"
 PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def seed_clerk(clerk: ClerkState, org_ids: list[str]) -> None:
+    """Give each org an owner, an admin and a member, each signed in to it."""
+    for org_id in org_ids:
+        users = [
+            clerk.create_user({
+                "email_address": [f"{role}@{org_id.replace('_', '-')}.example"],
+                "first_name": role.capitalize(),
+            })["id"]
+            for role in ROLES
+        ]
+        name = f"Sandbox pilot {org_id.removeprefix('org_')}"
+        clerk.seed_organization(
+            org_id, name, org_id.replace("_", "-"), created_by=users[-1]
+        )
+        for user_id, role in zip(users[:-1], CLERK_ROLES, strict=True):
+            clerk.create_membership(org_id, user_id, role)
+        for user_id in users:
+            clerk.create_session(user_id, org_id)
+
+
+def clerk_org_active(clerk: ClerkState, org_id: str) -> bool:
+    """Return False when the org's pilot status in Clerk says disabled.
+
+    This is the flag UE honours (the setting UE_CLERK_STATUS_KEY, default
+    `ue_pilot_status`): a disabled org's sessions stop resolving.
+    """
+    try:
+        organization = clerk.get_organization(org_id)
+    except ClerkAPIError:
+        return True
+    status = organization.get("public_metadata", {}).get(CLERK_STATUS_KEY)
+    return status != "disabled"
 
 
 def sandbox_org_ids(count: int) -> list[str]:
@@ -97,10 +140,13 @@ class Sandbox:
         self.telemetry.enabled = "no-telemetry" not in faults
         seed_history(self.telemetry, org_ids, faults,
                      now=datetime.now(UTC), minutes=HISTORY_MINUTES)
-        self.traffic = TrafficGenerator(self.telemetry, org_ids, faults)
+        clerk_env = self._start_clerk(org_ids, faults)
+        self.traffic = TrafficGenerator(
+            self.telemetry, org_ids, faults, org_active=self.org_active
+        )
         self.traffic.start()
 
-        sessions = SessionRegistry()
+        sessions = SessionRegistry(org_active=self.org_active)
         probe_sessions = {
             org: {role: sessions.issue(org, role) for role in ROLES} for org in org_ids
         }
@@ -126,7 +172,7 @@ class Sandbox:
         context_sql = (CONTEXT_SQL_SESSION if "rls-session-set" in faults
                        else CONTEXT_SQL_LOCAL)
         env = self._start_storage(faults) if self.storage else {}
-        return env | {
+        return env | clerk_env | {
             "UE_BASE_URL": app.url,
             "UE_PILOT_ORG_IDS": ",".join(org_ids),
             "UE_PROBE_SESSIONS": json.dumps(probe_sessions),
@@ -145,6 +191,26 @@ class Sandbox:
             "UE_PAGERDUTY_ROUTING_KEY": routing_key,
             "UE_PAGERDUTY_EVENTS_URL": pagerduty.url + "/v2/enqueue",
         }
+
+    def _start_clerk(self, org_ids: list[str], faults: set[str]) -> dict[str, str]:
+        """Start the Clerk stand-in with each org, its members and their sessions."""
+        secret_key = "sk_test_" + secrets.token_hex(16)
+        clerk_app = create_clerk_app(
+            secret_key, faults=faults & set(CLERK_FAULTS)
+        )
+        self.clerk = clerk_app.state.clerk
+        seed_clerk(self.clerk, org_ids)
+        server = start_server(clerk_app)
+        self.servers.append(server)
+        return {
+            "UE_CLERK_API_URL": server.url + "/v1",
+            "UE_CLERK_SECRET_KEY": secret_key,
+            "UE_SANDBOX_CLERK_URL": server.url,
+        }
+
+    def org_active(self, org_id: str) -> bool:
+        """Return False once the org's Clerk metadata marks it disabled."""
+        return clerk_org_active(self.clerk, org_id)
 
     def _start_storage(self, faults: set[str]) -> dict[str, str]:
         """Start Azurite's blob service and return the storage settings."""

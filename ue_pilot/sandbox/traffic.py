@@ -21,6 +21,7 @@ import logging
 import math
 import random
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -285,9 +286,12 @@ class TrafficGenerator:
         org_ids: list[str],
         faults: set[str],
         interval_seconds: float = 60,
+        org_active: Callable[[str], bool] | None = None,
     ) -> None:
         self.store = store
         self.org_ids = org_ids
+        # A disabled org's users can no longer sign in, so it gets no traffic.
+        self.org_active = org_active
         self.faults = faults
         self.interval_seconds = interval_seconds
         self.ticks = 0
@@ -318,9 +322,12 @@ class TrafficGenerator:
         if "no-telemetry" in self.faults:
             return 0
         end = _utc(now) if now is not None else datetime.now(UTC)
+        org_ids = list(self.org_ids)
+        if self.org_active is not None:
+            org_ids = [org_id for org_id in org_ids if self.org_active(org_id)]
         rows = emit_minute(
             self.store,
-            list(self.org_ids),
+            org_ids,
             set(self.faults),
             end - timedelta(minutes=1),
             readiness_failed="readiness-down" in self.faults,
