@@ -2,14 +2,15 @@
 
 from __future__ import annotations
 
-import os
-
 from prefect.client.schemas.objects import ConcurrencyLimitConfig
 from prefect.schedules import Cron
 
+from deployments import DEPLOYMENTS
 from flows.isolation_audit import isolation_audit
+from ue_pilot.settings import FlowRunSettings
 
 AUDIT_CRON = "0 * * * *"
+AUDIT_SPEC = next(s for s in DEPLOYMENTS if s.flow_name == "isolation-audit")
 
 
 def audit_deployment(timezone: str | None = None):
@@ -19,13 +20,13 @@ def audit_deployment(timezone: str | None = None):
     cancelled rather than queued, so a slow audit cannot pile up behind itself.
     The timezone of the cron comes from UE_SCHEDULE_TIMEZONE (default UTC).
     """
-    timezone = timezone or os.environ.get("UE_SCHEDULE_TIMEZONE", "UTC")
+    timezone = timezone or FlowRunSettings().schedule_timezone
     return isolation_audit.to_deployment(
-        name="hourly",
+        name=AUDIT_SPEC.name,
         schedules=[Cron(AUDIT_CRON, timezone=timezone)],
         concurrency_limit=ConcurrencyLimitConfig(
             limit=1, collision_strategy="CANCEL_NEW"
         ),
-        description="Hourly isolation audit of every pilot org.",
-        tags=["ue-pilot", "isolation-audit"],
+        description=AUDIT_SPEC.description,
+        tags=AUDIT_SPEC.tags,
     )

@@ -5,7 +5,8 @@ Each export is fetched with the org's session and streamed into a blob at
 `<org>/exports/<yyyy>/<mm>/<run-id>/<name>.csv`. The manifest is written last,
 only when every export is complete and carries only the org's rows, so its
 presence means the export is whole. A re-run writes a new run folder; a retry
-of the same run reuses the exports it already stored.
+of the same run reuses the exports it already stored. Every run that gets past
+input validation, complete or not, ends with an evidence record of the org.
 
 Run once: `ue-pilot export-all --org ORG` (or with `--sandbox`).
 """
@@ -19,11 +20,13 @@ from prefect.artifacts import create_link_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from tasks.blob_storage import blob_url, open_container, upload_json
+from tasks.evidence import evidence_outcome, write_evidence_record
 from tasks.exports import OwnershipBreachError, export_to_blob, session_token
-from tasks.paging import escalate
-from ue_pilot.checks import failed
+from tasks.paging import escalate, page_flow_crash
+from ue_pilot.checks import CheckResult, failed, inconclusive, passed
 from ue_pilot.orgids import validate_org_id
 from ue_pilot.redact import install_log_redaction
+from ue_pilot.results import flow_run_settings, key_results_by_run, result_storage
 from ue_pilot.settings import Settings
 
 
@@ -84,7 +87,11 @@ def write_manifest(settings: Settings, folder: str, manifest: dict) -> dict:
     description="Export every configured export of one org to Blob Storage, with a "
     "manifest of rows, bytes and hashes.",
     persist_result=True,
+    result_storage=result_storage(),
     result_serializer="json",
+    timeout_seconds=flow_run_settings().export_timeout_seconds,
+    on_failure=[page_flow_crash],
+    on_crashed=[page_flow_crash],
 )
 def export_all(org_id: str, exports: list[str] | None = None) -> dict:
     """Export the org's data and return the manifest.
@@ -93,6 +100,7 @@ def export_all(org_id: str, exports: list[str] | None = None) -> dict:
         org_id: Clerk organization id of the pilot org to export.
         exports: Names of the exports to take (default: every configured one).
     """
+    key_results_by_run()
     logger = get_run_logger()
     settings = Settings()
     install_log_redaction(settings.secret_values())
@@ -137,6 +145,7 @@ def export_all(org_id: str, exports: list[str] | None = None) -> dict:
             ],
         ).result()
     if problems:
+        record_export(settings, org, folder, results, problems, breach)
         raise ExportIncompleteError(
             "export incomplete, no manifest written: " + "; ".join(problems)
         )
@@ -152,7 +161,62 @@ def export_all(org_id: str, exports: list[str] | None = None) -> dict:
     }
     stored = write_manifest(settings, folder, manifest)
     publish_artifacts(settings, manifest, stored)
-    return dict(manifest, manifest_blob=stored)
+
+    # Evidence
+    evidence = record_export(settings, org, folder, results, [], None, stored)
+    return dict(manifest, manifest_blob=stored, evidence=evidence)
+
+
+def record_export(
+    settings: Settings,
+    org: str,
+    folder: str,
+    results: list[dict],
+    problems: list[str],
+    breach: OwnershipBreachError | None,
+    manifest_blob: dict | None = None,
+) -> dict:
+    """Write the run's evidence record: its checks, and each stored blob's sha256."""
+    artifacts: dict[str, dict] = {
+        entry["name"]: {"blob": entry["blob"], "sha256": entry["sha256"]}
+        for entry in results
+    }
+    if manifest_blob is not None:
+        artifacts["manifest"] = manifest_blob
+    target = {"base_url": settings.base_url, "org": org, "folder": folder,
+              "format": settings.export_format}
+    records = {org: {"checks": export_checks(org, results, problems, breach),
+                     "target": target, "artifacts": artifacts}}
+    return evidence_outcome(
+        write_evidence_record(settings, "export", records, return_state=True)
+    )
+
+
+def export_checks(
+    org: str,
+    results: list[dict],
+    problems: list[str],
+    breach: OwnershipBreachError | None,
+) -> list[CheckResult]:
+    """Return `export.complete` per export and one `export.ownership` check."""
+    checks = [
+        passed("export.complete", f"{entry['name']}: {entry['rows']} rows stored "
+               "complete", org, export=entry["name"], rows=entry["rows"],
+               bytes=entry["bytes"], sha256=entry["sha256"],
+               formula_cells=entry["formula_cells"])
+        for entry in results
+    ]
+    checks += [failed("export.complete", problem, org) for problem in problems]
+    if breach is not None:
+        checks.append(failed("export.ownership", str(breach), org,
+                             foreign_rows=breach.foreign_rows))
+    elif problems:
+        checks.append(inconclusive("export.ownership", "not every export was read "
+                                   "to the end", org))
+    else:
+        checks.append(passed("export.ownership", f"every row of {len(results)} "
+                             f"export(s) belongs to {org}", org))
+    return checks
 
 
 def publish_artifacts(settings: Settings, manifest: dict, stored: dict) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from prefect import flow, get_run_logger
 from prefect.futures import PrefectFuture
 
+from deployments.catch_up import supersede_missed_runs
 from tasks.database import (
     GLOBAL_CHECKS,
     POSTURE_CHECKS,
@@ -20,15 +21,16 @@ from tasks.database import (
     inspect_rls_posture,
     probe_rls_context,
 )
-from tasks.evidence import publish_evidence
+from tasks.evidence import evidence_outcome, publish_evidence, write_evidence_record
 from tasks.http_access import probe_access
 from tasks.http_probes import probe_health
 from tasks.logs import query_telemetry
-from tasks.paging import escalate
+from tasks.paging import escalate, page_flow_crash
 from tasks.state import ping_redis, plan_window, record_window, register_probe_agent
 from ue_pilot.checks import CheckResult, Status, inconclusive, verdict
 from ue_pilot.orgids import validate_org_id
 from ue_pilot.redact import install_log_redaction, redact_checks
+from ue_pilot.results import flow_run_settings, key_results_by_run, result_storage
 from ue_pilot.settings import Settings
 
 
@@ -76,16 +78,28 @@ def gather(
     description="Prove org isolation of the UE pilot: health, telemetry, monitors, "
     "auth gates and row-level security, for every pilot org.",
     persist_result=True,
+    result_storage=result_storage(),
     result_serializer="json",
+    timeout_seconds=flow_run_settings().audit_timeout_seconds,
+    on_failure=[page_flow_crash],
+    on_crashed=[page_flow_crash],
 )
 def isolation_audit(orgs: list[str] | None = None) -> dict:
-    """Audit every pilot org (or `orgs`) and return the verdict and every check."""
+    """Audit every pilot org (or `orgs`) and return the verdict and every check.
+
+    Args:
+        orgs: Clerk org ids of the pilot orgs to audit (default: every pilot org).
+    """
+    key_results_by_run()
     logger = get_run_logger()
     settings = Settings()
     secrets = settings.secret_values()
     install_log_redaction(secrets)
     orgs = select_orgs(settings, orgs)
     logger.info("auditing %d org(s) at %s", len(orgs), settings.base_url)
+
+    # Catch-up: this run's window covers the slots missed during downtime.
+    supersede_missed_runs()
 
     # Window
     window = plan_window(settings)
@@ -117,6 +131,14 @@ def isolation_audit(orgs: list[str] | None = None) -> dict:
     window_text = (window[0].isoformat(), window[1].isoformat())
     target = {"base_url": settings.base_url, "orgs": len(orgs)}
     publish_evidence(outcome, window_text, checks, target)
+    evidence = evidence_outcome(
+        write_evidence_record(
+            settings,
+            "isolation-audit",
+            evidence_by_org(orgs, checks, dict(target, window=window_text)),
+            return_state=True,
+        )
+    )
     if all(
         c.status != Status.INCONCLUSIVE
         for c in checks
@@ -130,5 +152,23 @@ def isolation_audit(orgs: list[str] | None = None) -> dict:
         "window": {"start": window_text[0], "end": window_text[1]},
         "target": target,
         "paging": paging,
+        "evidence": evidence,
         "checks": [check.to_dict() for check in checks],
     }
+
+
+def evidence_by_org(
+    orgs: list[str], checks: list[CheckResult], target: dict
+) -> dict[str, dict]:
+    """Group the checks into one evidence record per org.
+
+    Deployment-wide checks (health, RLS posture) go into every org's record.
+    """
+    by_org = {org: {"checks": [], "target": dict(target, org=org)} for org in orgs}
+    for check in checks:
+        if check.org is None:
+            for entry in by_org.values():
+                entry["checks"].append(check)
+        elif check.org in by_org:
+            by_org[check.org]["checks"].append(check)
+    return by_org

@@ -137,3 +137,97 @@ async def escalate(settings: Settings, checks: list[CheckResult]) -> dict[str, o
         len(summary["errors"]),
     )
     return summary
+
+
+CRASH_CHECK_ID = "flow.crashed"
+
+
+async def page_flow_crash(flow, flow_run, state) -> None:
+    """Trigger one PagerDuty event of severity error for a crashed or timed-out run.
+
+    The flows list this as an `on_crashed` and an `on_failure` hook. Prefect
+    calls it in the flow's process, or in the worker or `serve` process when the
+    flow's process died. A failure other than a timeout is left to the flow.
+    It logs every Exception instead of raising it, because a hook that raises
+    would bury the crash under its own traceback.
+    """
+    try:
+        if state.is_crashed() or state.name == "TimedOut":
+            await _page_crash(flow, flow_run, state)
+    except Exception as error:
+        import logging
+
+        logging.getLogger(__name__).error(
+            "paging for %s of flow run %s failed: %s",
+            getattr(state, "name", state),
+            getattr(flow_run, "id", flow_run),
+            type(error).__name__,
+        )
+
+
+async def _page_crash(flow, flow_run, state) -> None:
+    from prefect.logging.loggers import flow_run_logger
+
+    logger = flow_run_logger(flow_run, flow)
+    try:
+        outcome = await _send_crash_event(flow, flow_run, state, logger)
+    except Exception as error:
+        # Settings and HTTP errors can quote a secret, so only the type is logged.
+        logger.error(
+            "paging for %s of flow run %s failed: %s",
+            state.name,
+            flow_run.id,
+            type(error).__name__,
+        )
+        return
+    logger.info("paging %s of flow run %s: %s", state.name, flow_run.id, outcome)
+
+
+async def _send_crash_event(flow, flow_run, state, logger) -> str:
+    from ue_pilot.redact import redact_text
+
+    settings = Settings()
+    if not settings.pagerduty_routing_key.get_secret_value():
+        return "skipped: UE_PAGERDUTY_ROUTING_KEY is not set"
+    scope = await _run_scope(flow, flow_run, logger)
+    verb = "timed out" if state.name == "TimedOut" else "crashed"
+    message = redact_text(state.message or state.name, settings.secret_values())
+    event = {
+        "routing_key": settings.pagerduty_routing_key.get_secret_value(),
+        "event_action": "trigger",
+        "dedup_key": f"ue-pilot/{scope}/{CRASH_CHECK_ID}",
+        "payload": {
+            "summary": f"UE pilot flow run {flow_run.name} of {scope} {verb}: "
+            f"{message}"[:1024],
+            "source": settings.pagerduty_source,
+            "severity": "error",
+            "component": CRASH_CHECK_ID,
+            "custom_details": {
+                "flow_run_id": str(flow_run.id),
+                "deployment_id": str(flow_run.deployment_id or ""),
+                "state": state.name,
+                "message": message[:2000],
+            },
+        },
+    }
+    async with httpx.AsyncClient(timeout=15, trust_env=False) as client:
+        return await send_event(client, settings.pagerduty_events_url, event)
+
+
+async def _run_scope(flow, flow_run, logger) -> str:
+    """Return `<flow>/<deployment>` for a deployment's run, else the flow name."""
+    if flow_run.deployment_id is None:
+        return flow.name
+    from prefect.client.orchestration import get_client
+
+    try:
+        async with get_client() as client:
+            deployment = await client.read_deployment(flow_run.deployment_id)
+    except Exception as error:  # the page matters more than its dedup scope
+        logger.warning(
+            "deployment %s not read (%s), so paging under the flow name",
+            flow_run.deployment_id,
+            type(error).__name__,
+        )
+        return flow.name
+    return f"{flow.name}/{deployment.name}"

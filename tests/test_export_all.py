@@ -189,7 +189,7 @@ def test_truncated_stream_retried(prefect_server, ue_env):
 def test_cross_org_row_quarantined(prefect_server, ue_env):
     """A foreign row fails the export, quarantines the file and pages critical."""
     state, blobs, _, events = run_with_fault(ue_env, "export-cross-org-row")
-    published = [b for b in blobs if b.startswith(f"{ORG}/")]
+    published = [b for b in blobs if b.startswith(f"{ORG}/exports/")]
     quarantined = [b for b in blobs if b.startswith(f"quarantine/{ORG}/")]
     pages = [e for e in events if e["dedup_key"].endswith("export.ownership")]
     assert state.is_failed()

@@ -202,6 +202,59 @@ class Settings(BaseSettings):
         30.0, gt=0, description="How long Clerk requests retry 429 and 5XX answers."
     )
 
+    # Onboarding.
+    onboarding_created_by: str = Field(
+        "", description="Clerk user id recorded as the creator of onboarded orgs."
+    )
+    seed_scripts_dir: str = Field(
+        "", description="Folder of the new org's seed scripts (*.sql, in name order)."
+    )
+    seed_database_url: SecretStr = Field(
+        SecretStr(""),
+        description="Connection URL the seed scripts run with, as UE_DB_APP_ROLE.",
+    )
+    appinsights_connection_string: SecretStr = Field(
+        SecretStr(""),
+        description="Application Insights connection string; onboarding sends its "
+        "synthetic test event with it.",
+    )
+    probe_session_issuer_url: str = Field(
+        "",
+        description="Sandbox only: loopback route that issues probe sessions for a "
+        "new org. Elsewhere the new org's sessions come from UE_PROBE_SESSIONS.",
+    )
+    onboarding_detection_timeout_seconds: float = Field(
+        600.0,
+        gt=0,
+        description="Seconds onboarding waits for its synthetic event to show in "
+        "the Logs query (ingestion takes minutes in Azure).",
+    )
+
+    # Rollback.
+    rollback_approval_timeout_seconds: int = Field(
+        3600, gt=0, description="Seconds a rollback waits for approval before failing."
+    )
+    rollback_telemetry_wait_seconds: float = Field(
+        900.0,
+        ge=0,
+        description="Maximum seconds the session check waits for telemetry newer "
+        "than the disable.",
+    )
+    rollback_telemetry_poll_seconds: float = Field(
+        30.0, gt=0, description="Seconds between two of those telemetry queries."
+    )
+    notify_webhook_url: SecretStr = Field(
+        SecretStr(""),
+        description="Webhook that receives the rollback notice for the org contact.",
+    )
+    notify_required: bool = Field(
+        True, description="Fail the rollback when UE_NOTIFY_WEBHOOK_URL is not set."
+    )
+    pilot_status_blob: str = Field(
+        "pilot-status.json",
+        description="Blob of the pilot status document in UE_BLOB_CONTAINER.",
+    )
+
     # Redis, paging, state.
     redis_url: SecretStr = SecretStr("redis://127.0.0.1:6379/0")
     pagerduty_routing_key: SecretStr = SecretStr("")
@@ -232,6 +285,22 @@ class Settings(BaseSettings):
         if value and not re.match(r"^https?://[^/\s]+", value):
             raise ValueError(
                 f"invalid URL {value!r}: expected http(s)://host[:port][/path]"
+            )
+        return value.rstrip("/")
+
+    @field_validator("probe_session_issuer_url")
+    @classmethod
+    def _check_issuer_url(cls, value: str) -> str:
+        # The issuer hands out sessions for any org, so it must be a local sandbox.
+        host = value.removeprefix("http://").split("/")[0].rsplit(":", 1)[0]
+        loopback = value.startswith("http://") and host in (
+            "127.0.0.1", "localhost", "[::1]"
+        )
+        if value and not loopback:
+            raise ValueError(
+                f"invalid UE_PROBE_SESSION_ISSUER_URL {value!r}: only a loopback "
+                "http:// URL of the sandbox is allowed; elsewhere leave it empty and "
+                "list the new org's sessions in UE_PROBE_SESSIONS"
             )
         return value.rstrip("/")
 
@@ -355,10 +424,17 @@ class Settings(BaseSettings):
             for name, field in type(self).model_fields.items()
             if field.annotation is SecretStr
         ]
-        for url in (self.database_url, self.redis_url):
+        for url in (self.database_url, self.redis_url, self.seed_database_url):
             password = re.search(r"://[^:/@]*:([^@]+)@", url.get_secret_value())
             if password:
                 values.append(password.group(1))
+        ikey = re.search(
+            r"InstrumentationKey=([^;]+)",
+            self.appinsights_connection_string.get_secret_value(),
+            re.I,
+        )
+        if ikey:
+            values.append(ikey.group(1).strip())
         try:
             values += [t for roles in self.probe_session_map().values()
                        for t in roles.values()]
@@ -379,3 +455,68 @@ class Settings(BaseSettings):
                     "(secret)" if getattr(self, name).get_secret_value() else ""
                 )
         return data
+
+
+class FlowRunSettings(BaseSettings):
+    """Settings read when a flow module is imported or a deployment is built.
+
+    They are kept apart from `Settings` so that importing a flow validates only
+    these fields. An invalid audit setting then fails the flow run, with the
+    error in its log, instead of the import of the flow.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="UE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    schedule_timezone: str = Field(
+        "UTC", description="IANA timezone of the audit's hourly cron."
+    )
+    result_storage_path: str = Field(
+        ".prefect/results",
+        description="Folder of flow results, relative to the working directory, "
+        "used when UE_RESULT_STORAGE_BLOCK is empty.",
+    )
+    result_storage_block: str = Field(
+        "",
+        description="Name of a saved prefect-azure AzureBlobStorageContainer block "
+        "that stores flow results instead of the folder.",
+    )
+    audit_timeout_seconds: float = Field(
+        1800, gt=0, description="Time limit of one isolation-audit run."
+    )
+    export_timeout_seconds: float = Field(
+        4 * 3600, gt=0, description="Time limit of one export-all run."
+    )
+    onboarding_timeout_seconds: float = Field(
+        3600, gt=0, description="Time limit of one onboarding run."
+    )
+    rollback_timeout_seconds: float = Field(
+        6 * 3600,
+        gt=0,
+        description="Time limit of one rollback run, its export included.",
+    )
+
+    @field_validator("schedule_timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(
+                f"unknown timezone {value!r} in UE_SCHEDULE_TIMEZONE: use an IANA "
+                "name such as UTC or America/Toronto"
+            ) from None
+        return value
+
+    @field_validator("result_storage_block")
+    @classmethod
+    def _check_block_name(cls, value: str) -> str:
+        if value and not re.fullmatch(r"[a-z0-9][a-z0-9-]{0,99}", value):
+            raise ValueError(
+                f"invalid block name {value!r} in UE_RESULT_STORAGE_BLOCK: Prefect "
+                "block names use lowercase letters, digits and dashes"
+            )
+        return value

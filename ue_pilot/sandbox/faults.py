@@ -17,6 +17,9 @@ FAULTS: dict[str, str] = {
     "slow-proxy": "the Django proxy latency p99 is above 3 s",
     "auth-failure-storm": "more than 10 % of requests fail authentication",
     "logs-partial": "the Logs query API returns partial results with an error",
+    "telemetry-ingest-drops": (
+        "the Application Insights ingestion endpoint accepts items but never stores them"
+    ),
     "export-truncated": (
         "the first 2 export responses per route end partway, like a proxy timeout"
     ),
@@ -30,6 +33,9 @@ FAULTS: dict[str, str] = {
         "some reward descriptions start with =, +, -, @, tab or CR, as user input may"
     ),
     "storage-unavailable": "the Blob Storage account in the settings cannot be reached",
+    "blob-copy-fails": (
+        "every Copy Blob request to the storage account fails with 500 InternalError"
+    ),
     "clerk-rate-limited": (
         "every third Clerk Backend API request gets 429 with Retry-After: 1"
     ),

@@ -37,6 +37,7 @@ from ue_pilot.sandbox.clerk import (
 from ue_pilot.sandbox.database import SandboxDatabase, drop_leftovers
 from ue_pilot.sandbox.faults import validate_faults
 from ue_pilot.sandbox.logs_api import create_logs_app
+from ue_pilot.sandbox.onboarding import start_onboarding_services
 from ue_pilot.sandbox.pagerduty import create_pagerduty_app
 from ue_pilot.sandbox.servers import (
     RequestDelay,
@@ -46,6 +47,7 @@ from ue_pilot.sandbox.servers import (
 )
 from ue_pilot.sandbox.telemetry import TelemetryStore
 from ue_pilot.sandbox.traffic import TrafficGenerator, seed_history
+from ue_pilot.sandbox.webhook import create_webhook_app
 
 DEFAULT_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
 DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -168,10 +170,14 @@ class Sandbox:
         self.servers.append(logs)
         pagerduty = start_server(create_pagerduty_app(routing_key))
         self.servers.append(pagerduty)
+        webhook_token = secrets.token_urlsafe(24)
+        webhook = start_server(create_webhook_app(webhook_token))
+        self.servers.append(webhook)
 
         context_sql = (CONTEXT_SQL_SESSION if "rls-session-set" in faults
                        else CONTEXT_SQL_LOCAL)
         env = self._start_storage(faults) if self.storage else {}
+        env |= start_onboarding_services(self, sessions, faults)
         return env | clerk_env | {
             "UE_BASE_URL": app.url,
             "UE_PILOT_ORG_IDS": ",".join(org_ids),
@@ -190,6 +196,8 @@ class Sandbox:
             "UE_STATE_PREFIX": f"ue-pilot-{self.database.name}",
             "UE_PAGERDUTY_ROUTING_KEY": routing_key,
             "UE_PAGERDUTY_EVENTS_URL": pagerduty.url + "/v2/enqueue",
+            "UE_NOTIFY_WEBHOOK_URL": f"{webhook.url}/hooks/{webhook_token}",
+            "UE_SANDBOX_NOTIFY_URL": webhook.url,
         }
 
     def _start_clerk(self, org_ids: list[str], faults: set[str]) -> dict[str, str]:
@@ -220,6 +228,16 @@ class Sandbox:
             # A storage account that cannot be reached: nothing listens there.
             connection_string = connection_string.replace(
                 f":{self.azurite.port}/", f":{find_free_port()}/"
+            )
+        if "blob-copy-fails" in faults:
+            from ue_pilot.sandbox.storage_proxy import start_storage_proxy
+
+            # A proxy in front of Azurite fails every Copy Blob request.
+            proxy = start_storage_proxy(self.azurite.port)
+            self.servers.append(proxy)
+            proxy_port = proxy.url.rsplit(":", 1)[1]
+            connection_string = connection_string.replace(
+                f":{self.azurite.port}/", f":{proxy_port}/"
             )
         return {
             "UE_BLOB_CONNECTION_STRING": connection_string,
