@@ -36,19 +36,18 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
-from uuid import UUID
 
 from azure.core import MatchConditions
 from azure.core.exceptions import AzureError, HttpResponseError, ResourceNotFoundError
 from azure.storage.blob import BlobProperties, ContainerClient, ContentSettings
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.context import FlowRunContext, TaskRunContext
 from prefect.exceptions import MissingContextError
 
 from tasks.blob_storage import StorageUnavailableError, open_container
 from ue_pilot.orgids import InvalidOrgIdError, validate_org_id
+from ue_pilot.progress import ProgressReporter, artifact_key
 from ue_pilot.settings import Settings
 
 ARCHIVE_ROOT = "archived"
@@ -447,35 +446,23 @@ def run_logger() -> logging.Logger | logging.LoggerAdapter:
         return logging.getLogger(__name__)
 
 
-class ArchiveProgress:
-    """A Prefect progress artifact, updated at most every PROGRESS_INTERVAL_SECONDS."""
+class ArchiveProgress(ProgressReporter):
+    """Progress of one archive, published at most every PROGRESS_INTERVAL_SECONDS.
 
-    def __init__(self, artifact_id: UUID) -> None:
-        self.artifact_id = artifact_id
-        self.last_update = time.monotonic()
+    The hub of `ue_pilot.progress` keeps it in the progress artifact
+    `archive-blobs-<org>` and shows it on the CLI's progress line.
+    """
 
     @classmethod
     def start(cls, org: str) -> ArchiveProgress | None:
-        """Create the artifact inside a flow or task run, or return None outside one."""
+        """Start reporting inside a flow or task run, or return None outside one."""
         if TaskRunContext.get() is None and FlowRunContext.get() is None:
             return None
-        key = "archive-blobs-" + "".join(
-            char if char.isalnum() else "-" for char in org.lower()
-        )
-        artifact_id = create_progress_artifact(
-            progress=0.0,
-            key=key,
-            description=f"Archive of {org}/ to {ARCHIVE_ROOT}/{org}/: starting",
-        )
-        return cls(artifact_id)
-
-    def report(self, percent: float, description: str, force: bool = False) -> None:
-        now = time.monotonic()
-        if not force and now - self.last_update < PROGRESS_INTERVAL_SECONDS:
-            return
-        self.last_update = now
-        update_progress_artifact(
-            self.artifact_id, progress=round(percent, 1), description=description
+        return cls(
+            artifact_key("archive-blobs", org),
+            f"archive {org}",
+            f"Archive of {org}/ to {ARCHIVE_ROOT}/{org}/: starting",
+            interval=PROGRESS_INTERVAL_SECONDS,
         )
 
 
@@ -889,11 +876,11 @@ def finish(
         )
     if not summary.complete:
         if progress is not None:
-            progress.report(
-                50.0 + 50.0 * summary.deleted / max(summary.listed, 1),
+            progress.finish(
                 f"incomplete: {summary.left_under_source} blobs left under "
                 f"{summary.source_prefix}",
-                force=True,
+                percent=50.0 + 50.0 * summary.deleted / max(summary.listed, 1),
+                failed=True,
             )
         problems = ", ".join(
             f"{len(names)} {kind}" for kind, names in sorted(summary.problems.items())
@@ -909,10 +896,8 @@ def finish(
     if summary.manifest is not None and summary.manifest.state == "open":
         close_manifest(container, summary.manifest)
     if progress is not None:
-        progress.report(
-            100.0,
-            f"done: {summary.archived_blobs} blobs under {summary.archive_prefix}",
-            force=True,
+        progress.finish(
+            f"done: {summary.archived_blobs} blobs under {summary.archive_prefix}"
         )
     logger.info(
         "archive %s complete: %d blobs under %s, manifest %s (%s), matches "

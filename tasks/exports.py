@@ -23,6 +23,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from tasks.blob_storage import BlockUpload
+from ue_pilot.progress import ProgressReporter, artifact_key, format_bytes, percent_of
 from ue_pilot.settings import Settings
 
 # Leading characters that make a spreadsheet run a cell as a formula (OWASP,
@@ -177,19 +178,30 @@ def stream_csv(
     token: str,
     upload: BlockUpload,
     scan: RowScan,
+    progress: ProgressReporter | None = None,
 ) -> str:
-    """Stream one CSV export into `upload`; return its content type."""
+    """Stream one CSV export into `upload`; return its content type.
+
+    The percentage reported to `progress` is known only when the response
+    declares a Content-Length.
+    """
     scanner = CsvScanner(scan)
     headers = {"Authorization": f"Bearer {token}"}
     try:
         with client.stream("GET", url, headers=headers) as response:
             check_status(response, url)
             declared = response.headers.get("content-length")
+            total = int(declared) if declared and declared.isdigit() else None
             received = 0
             for chunk in response.iter_raw():
                 received += len(chunk)
                 upload.write(chunk)
                 scanner.feed(chunk)
+                if progress is not None:
+                    progress.report(
+                        percent_of(received, total),
+                        f"{format_bytes(received)}, {scan.rows:,} rows",
+                    )
             content_type = response.headers.get("content-type", "text/csv")
     except httpx.TransportError as error:
         raise IncompleteExportError(
@@ -211,6 +223,7 @@ def stream_json_pages(
     token: str,
     upload: BlockUpload,
     scan: RowScan,
+    progress: ProgressReporter | None = None,
 ) -> int:
     """Follow `next` to the end, storing the pages as one JSON array.
 
@@ -265,6 +278,11 @@ def stream_json_pages(
             seen_ids.add(row_id)
             values = [v for v in row.values() if isinstance(v, str)]
             scan.add(values, str(row.get(scan.org_field, "")))
+        if progress is not None:
+            progress.report(
+                percent_of(scan.rows, expected),
+                f"{scan.rows:,} of {expected:,} rows, {pages} page(s)",
+            )
         url = body.get("next")
     upload.write(b"]")
     if scan.rows != (expected or 0):
@@ -281,6 +299,7 @@ def fetch_into(
     name: str,
     path: str,
     blob_name: str,
+    progress: ProgressReporter | None = None,
 ) -> tuple[ExportResult, BlockUpload, RowScan]:
     """Fetch one export into a staged, not yet committed, blob."""
     url = source_url(settings, path, org)
@@ -297,11 +316,13 @@ def fetch_into(
         follow_redirects=False,
     ) as client:
         if is_json:
-            pages = stream_json_pages(client, settings, url, token, upload, scan)
+            pages = stream_json_pages(client, settings, url, token, upload, scan,
+                                      progress)
             content_type = "application/json"
         else:
             pages = 0
-            content_type = stream_csv(client, settings, url, token, upload, scan)
+            content_type = stream_csv(client, settings, url, token, upload, scan,
+                                      progress)
     result = ExportResult(
         name=name,
         source_url=url,
@@ -375,8 +396,32 @@ def export_to_blob(
     """Fetch one export and publish it under `folder` once complete and owned.
 
     A breach stores the fetched bytes under `quarantine/` instead, for the
-    investigation, and raises OwnershipBreachError.
+    investigation, and raises OwnershipBreachError. Progress goes to the
+    progress artifact `export-progress-<name>` of the task run (and to the
+    CLI's progress line), at most once a second.
     """
+    progress = ProgressReporter(artifact_key("export-progress", name),
+                                f"export {name}")
+    try:
+        result = store_export(settings, org, name, path, folder, progress)
+    except BaseException as error:
+        progress.finish(f"failed: {type(error).__name__}", failed=True)
+        raise
+    progress.finish(
+        f"{result['rows']:,} rows, {format_bytes(result['bytes'])} stored"
+    )
+    return result
+
+
+def store_export(
+    settings: Settings,
+    org: str,
+    name: str,
+    path: str,
+    folder: str,
+    progress: ProgressReporter,
+) -> dict[str, object]:
+    """Reuse, quarantine or commit one export, reporting to `progress`."""
     from tasks.blob_storage import open_container
 
     logger = get_run_logger()
@@ -389,7 +434,8 @@ def export_to_blob(
         logger.info("export %s of %s already stored at %s", name, org, blob_name)
         return stored_result(existing)
 
-    result, upload, scan = fetch_into(container, settings, org, name, path, blob_name)
+    result, upload, scan = fetch_into(container, settings, org, name, path, blob_name,
+                                      progress)
     if scan.foreign_rows:
         # The staged blocks are never committed. The bytes are fetched again
         # into the quarantine blob, as evidence for the investigation.

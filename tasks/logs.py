@@ -4,6 +4,12 @@ Monitoring table).
 Every query covers all orgs at once (summarize by org), so the number of
 queries per audit is fixed. Zero rows is evidence only once liveness has shown
 that the expected events and metrics are arriving at all.
+
+Onboarding plants labelled synthetic cross-org events (tasks/telemetry_ingest.py)
+and registers each one's route in Redis first. The cross-org check leaves out
+exactly the rows whose route is registered, and counts them as
+`synthetic_left_out`. The label alone is never trusted: anybody who can send
+telemetry could forge it.
 """
 
 from __future__ import annotations
@@ -12,6 +18,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from string import Template
 
+import redis
 from azure.core.exceptions import AzureError
 from azure.monitor.query import LogsQueryPartialResult, LogsQueryStatus
 from prefect import get_run_logger, task
@@ -228,16 +235,38 @@ def query_telemetry(
     """Run every telemetry and monitor query once for all orgs and evaluate them."""
     logger = get_run_logger()
     outcomes = run_all(settings, window, probe_agents)
+    # Read after the queries: onboarding registers a route before it sends the
+    # event, so every synthetic row the queries returned is registered by now.
+    synthetic = read_synthetic_routes(settings)
     for key, outcome in outcomes.items():
         if not outcome.ok:
             logger.warning("query %s: %s", key, outcome.problem)
     logger.info(
-        "telemetry: %d queries over %s .. %s",
+        "telemetry: %d queries over %s .. %s, %d synthetic route(s) registered",
         len(outcomes),
         window[0].isoformat(),
         window[1].isoformat(),
+        len(synthetic),
     )
-    return evaluate_telemetry(settings, orgs, outcomes, window[1])
+    return evaluate_telemetry(settings, orgs, outcomes, window[1], synthetic)
+
+
+def read_synthetic_routes(settings: Settings) -> frozenset[str]:
+    """Return the routes of onboarding's synthetic events, registered in Redis.
+
+    Without Redis none are known, so synthetic events count as cross-org
+    attempts. The check can then only fail more, never pass wrongly.
+    """
+    # tasks.telemetry_ingest imports this module, so it is imported here.
+    from tasks.telemetry_ingest import recent_synthetic_routes
+
+    try:
+        return frozenset(recent_synthetic_routes(settings))
+    except (redis.RedisError, ValueError) as error:
+        get_run_logger().warning(
+            "synthetic routes unavailable (%s); none left out", type(error).__name__
+        )
+        return frozenset()
 
 
 def evaluate_telemetry(
@@ -245,18 +274,21 @@ def evaluate_telemetry(
     orgs: list[str],
     outcomes: dict[str, QueryOutcome],
     window_end: datetime,
+    synthetic_routes: frozenset[str] | None = None,
 ) -> list[CheckResult]:
     """Turn query outcomes into checks, all inconclusive unless liveness holds.
 
     A query whose rows do not have the expected columns or types makes its
-    own checks inconclusive, not the whole task.
+    own checks inconclusive, not the whole task. Cross-org rows whose route
+    is in `synthetic_routes` are left out; with None, nothing is left out and
+    no `synthetic_left_out` count is recorded.
     """
     try:
         liveness = evaluate_liveness(settings, outcomes, window_end)
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         liveness = inconclusive("telemetry.liveness",
                                 f"malformed liveness result: {error!r}"[:300])
-    dependent = evaluate_dependent(settings, orgs, outcomes)
+    dependent = evaluate_dependent(settings, orgs, outcomes, synthetic_routes)
     if liveness.status != Status.PASS:
         reason = f"telemetry liveness is {liveness.status.value}: {liveness.summary}"
         dependent = [
@@ -324,13 +356,17 @@ def as_utc(value: object) -> datetime:
 
 
 def evaluate_dependent(
-    settings: Settings, orgs: list[str], outcomes: dict[str, QueryOutcome]
+    settings: Settings,
+    orgs: list[str],
+    outcomes: dict[str, QueryOutcome],
+    synthetic_routes: frozenset[str] | None = None,
 ) -> list[CheckResult]:
     steps = [
         (("telemetry.ue_metrics",), None,
          lambda: [evaluate_ue_metrics(outcomes["ue_metrics"])]),
         (("telemetry.cross_org_events",), orgs,
-         lambda: evaluate_cross_org(orgs, outcomes["cross_org"])),
+         lambda: evaluate_cross_org(
+             orgs, outcomes["cross_org"], synthetic_routes)),
         (("telemetry.auth_failures",), orgs,
          lambda: evaluate_auth(settings, orgs, outcomes["auth"])),
         (("telemetry.query_volume",), orgs,
@@ -367,13 +403,27 @@ def evaluate_ue_metrics(outcome: QueryOutcome) -> CheckResult:
     return passed(check_id, f"{len(counts)} ue_ metrics reporting", metrics=counts)
 
 
-def evaluate_cross_org(orgs: list[str], outcome: QueryOutcome) -> list[CheckResult]:
+def evaluate_cross_org(
+    orgs: list[str],
+    outcome: QueryOutcome,
+    synthetic_routes: frozenset[str] | None = None,
+) -> list[CheckResult]:
+    """Fail each org involved in a cross-org row, leaving out synthetic routes.
+
+    `synthetic_left_out` counts, per org, the events of left-out rows
+    (weighted by itemCount, as `attempts` is).
+    """
     check_id = "telemetry.cross_org_events"
     if not outcome.ok:
         return [inconclusive(check_id, outcome.problem, org) for org in orgs]
     by_org: dict[str, list[dict]] = {org: [] for org in orgs}
+    left_out = dict.fromkeys(orgs, 0)
     outside: list[dict] = []
     for row in outcome.rows:
+        if synthetic_routes and row["route"] in synthetic_routes:
+            for org in {row["orgId"], row["requestOrgId"]} & left_out.keys():
+                left_out[org] += int(row["attempts"])
+            continue
         attempt = {
             "orgId": row["orgId"],
             "requestOrgId": row["requestOrgId"],
@@ -390,6 +440,9 @@ def evaluate_cross_org(orgs: list[str], outcome: QueryOutcome) -> list[CheckResu
 
     checks = []
     for org, attempts in by_org.items():
+        observed = {}
+        if synthetic_routes is not None:
+            observed["synthetic_left_out"] = left_out[org]
         if attempts:
             total = sum(a["attempts"] for a in attempts)
             checks.append(
@@ -398,10 +451,13 @@ def evaluate_cross_org(orgs: list[str], outcome: QueryOutcome) -> list[CheckResu
                     f"{total} cross-org query attempt(s)",
                     org,
                     attempts=attempts,
+                    **observed,
                 )
             )
         else:
-            checks.append(passed(check_id, "no cross-org query attempts", org))
+            checks.append(
+                passed(check_id, "no cross-org query attempts", org, **observed)
+            )
     if outside:
         checks.append(
             failed(

@@ -16,7 +16,6 @@ leaves these events out while still counting every real cross-org attempt.
 
 from __future__ import annotations
 
-import hashlib
 import time
 import uuid
 from dataclasses import dataclass
@@ -36,7 +35,12 @@ from tasks.logs import (
     run_query,
 )
 from ue_pilot.checks import CheckResult, Status, failed, inconclusive, passed
-from ue_pilot.clients import build_logs_client, build_redis, is_loopback
+from ue_pilot.clients import (
+    build_logs_client,
+    build_redis,
+    is_loopback,
+    synthetic_routes_key,
+)
 from ue_pilot.settings import Settings
 
 SYNTHETIC_LABEL = "ue-pilot-onboarding"
@@ -128,12 +132,6 @@ def build_synthetic_event(
             },
         },
     }
-
-
-def synthetic_routes_key(base_url: str) -> str:
-    """Return the Redis key of the synthetic routes planted in one deployment."""
-    digest = hashlib.sha256(base_url.encode()).hexdigest()[:16]
-    return f"ue-pilot:synthetic-routes:{digest}"
 
 
 def register_synthetic_route(settings: Settings, route: str) -> None:

@@ -256,7 +256,11 @@ def run_export(org: str, exports: list[str], as_json: bool) -> int:
     except (ExportConfigurationError, InvalidOrgIdError) as error:
         raise click.UsageError(str(error)) from None
 
-    state = export_all(org_id=org, exports=exports or None, return_state=True)
+    from ue_pilot.progress import terminal_progress
+
+    # A progress line on standard error, only when it is a terminal.
+    with terminal_progress(sys.stderr, enabled=not as_json):
+        state = export_all(org_id=org, exports=exports or None, return_state=True)
     if not state.is_completed():
         message = state.message or state.name
         try:
@@ -532,6 +536,7 @@ def run_rollback(request: dict, approval: dict, as_json: bool) -> int:
     from tasks.identity import IdentityProviderError, open_clerk
     from ue_pilot.approvals import PauseResponder, create_flow_run, execute_flow_run
     from ue_pilot.orgids import InvalidOrgIdError
+    from ue_pilot.progress import terminal_progress
 
     try:
         check_request(settings, request["org_id"], request["reason"],
@@ -552,7 +557,9 @@ def run_rollback(request: dict, approval: dict, as_json: bool) -> int:
     if not request["dry_run"]:
         responder.start()
     try:
-        state = execute_flow_run(rollback, flow_run, request)
+        # The export and archive steps draw a progress line on a terminal.
+        with terminal_progress(sys.stderr, enabled=not as_json):
+            state = execute_flow_run(rollback, flow_run, request)
     finally:
         responder.stop()
     if not state.is_completed():

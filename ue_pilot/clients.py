@@ -162,3 +162,13 @@ def probe_agents_key(base_url: str) -> str:
     """
     digest = hashlib.sha256(base_url.encode()).hexdigest()[:16]
     return f"ue-pilot:probe-agents:{digest}"
+
+
+def synthetic_routes_key(base_url: str) -> str:
+    """Return the Redis key of the synthetic routes planted in one deployment.
+
+    Onboarding registers each labelled event's route there, and the audit
+    leaves out exactly those rows.
+    """
+    digest = hashlib.sha256(base_url.encode()).hexdigest()[:16]
+    return f"ue-pilot:synthetic-routes:{digest}"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import redis
 
-from ue_pilot.clients import probe_agents_key
+from ue_pilot.clients import probe_agents_key, synthetic_routes_key
 from ue_pilot.sandbox.app import SessionRegistry, create_ue_app
 from ue_pilot.sandbox.azurite import Azurite
 from ue_pilot.sandbox.clerk import (
@@ -261,6 +261,7 @@ class Sandbox:
             self._forget_state(f"ue-pilot-{database.name}")
             if getattr(self, "app_url", ""):
                 self._forget_state(probe_agents_key(self.app_url))
+                self._forget_state(synthetic_routes_key(self.app_url))
             database.drop()
 
     def _forget_state(self, prefix: str) -> None:
