@@ -707,12 +707,20 @@ def sandbox() -> None:
     type=click.IntRange(1),
     help="Number of orgs to seed.",
 )
+@click.option(
+    "--storage/--no-storage",
+    default=True,
+    show_default=True,
+    help="Also run Azurite, for export-all, rollback and the evidence commands.",
+)
 @fault_option
-def sandbox_up(orgs: int, faults: tuple[str, ...]) -> None:
+def sandbox_up(orgs: int, storage: bool, faults: tuple[str, ...]) -> None:
     """Run the sandbox in the foreground and print the UE_ settings pointing at it."""
     from ue_pilot.sandbox.runner import build_parser, serve
 
     args = ["--orgs", str(orgs)]
+    if storage:
+        args.append("--storage")
     for name in faults:
         args += ["--fault", name]
     sys.exit(serve(build_parser().parse_args(args)))
