@@ -10,7 +10,6 @@ package.
 from __future__ import annotations
 
 import importlib
-import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -19,8 +18,6 @@ from ue_pilot.settings import FlowRunSettings
 if TYPE_CHECKING:
     from prefect import Flow
     from prefect.deployments.runner import RunnerDeployment
-
-logger = logging.getLogger(__name__)
 
 TAG = "ue-pilot"
 WORK_POOL = "ue-pilot"
@@ -84,25 +81,9 @@ DEPLOYMENTS: tuple[DeploymentSpec, ...] = (
 )
 
 
-def load_flow(spec: DeploymentSpec) -> Flow | None:
-    """Import the flow of `spec`, or return None when its module does not exist.
-
-    Any other import error is raised: a flow that exists but cannot load must
-    not vanish from `serve` with only a warning.
-    """
-    try:
-        module = importlib.import_module(spec.module)
-    except ModuleNotFoundError as error:
-        if error.name != spec.module:
-            raise
-        # TODO: drop this skip once flows/onboarding.py and flows/rollback.py are
-        # in the repository.
-        logger.warning(
-            "deployment %s skipped: its flow module %s does not exist yet",
-            spec.full_name,
-            spec.entrypoint.partition(":")[0],
-        )
-        return None
+def load_flow(spec: DeploymentSpec) -> Flow:
+    """Import the flow of `spec`; an import error is raised, never skipped."""
+    module = importlib.import_module(spec.module)
     return getattr(module, spec.function)
 
 
@@ -122,11 +103,6 @@ def build_deployment(
 def build_deployments(
     settings: FlowRunSettings | None = None,
 ) -> list[RunnerDeployment]:
-    """Build every deployment whose flow module exists, in the order of prefect.yaml."""
+    """Build every deployment, in the order of prefect.yaml."""
     settings = settings or FlowRunSettings()
-    deployments = []
-    for spec in DEPLOYMENTS:
-        flow = load_flow(spec)
-        if flow is not None:
-            deployments.append(build_deployment(spec, flow, settings))
-    return deployments
+    return [build_deployment(spec, load_flow(spec), settings) for spec in DEPLOYMENTS]

@@ -64,7 +64,12 @@ class LocalPrefectServer:
         # Imported here, not in the forked child: an import there can deadlock.
         from ue_pilot.sandbox.runner import stop_with_parent
 
-        child_env = os.environ | LOCAL_SERVER_ENV | (env or {})
+        # Prefect 3.9.1's UI calls the API at PREFECT_SERVER_API_HOST and
+        # PREFECT_SERVER_API_PORT (default 4200) unless PREFECT_SERVER_UI_API_URL
+        # is set. `--port` changes neither, so both are set here.
+        address = {"PREFECT_SERVER_API_HOST": LOOPBACK,
+                   "PREFECT_SERVER_API_PORT": str(port)}
+        child_env = os.environ | LOCAL_SERVER_ENV | address | (env or {})
         child_env.pop("PREFECT_API_URL", None)
         self._output: IO[bytes] | None = open(log, "wb") if log else None
         command = [

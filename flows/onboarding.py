@@ -22,7 +22,12 @@ A re-run with the same slug and creator adopts the org, skips the seed scripts
 it already applied and runs every check again. It changes nothing in Clerk or
 the database, but step 7 sends one more labelled test event and test page. An
 org disabled by a failed onboarding is reopened (status onboarding) and becomes
-active only when every step passes again.
+active only when every step passes again. An org that a rollback disabled is
+never reopened.
+
+Every run that created or adopted an org, whether its steps passed or not, ends
+with an evidence record of the org (family "onboarding"): the checks of every
+step run and the compensation. A run that times out or is interrupted writes none.
 
 Run once: `ue-pilot onboard --name NAME --slug SLUG` (or with `--sandbox`).
 """
@@ -46,19 +51,24 @@ from tasks.database import (
     inspect_rls_posture,
     probe_rls_context,
 )
+from tasks.evidence import evidence_outcome, write_evidence_record
 from tasks.http_access import probe_access
 from tasks.identity import (
     IdentityProviderError,
     InvalidOrgRequestError,
+    OrganizationConflictError,
     activate_org,
     confirm_org_disabled,
     create_clerk_org,
+    get_organization,
     obtain_probe_sessions,
+    open_clerk,
+    org_status,
     validate_org_name,
     validate_slug,
     validate_user_id,
 )
-from tasks.paging import dedup_key, escalate
+from tasks.paging import dedup_key, escalate, page_flow_crash
 from tasks.seeding import (
     SeedFolderError,
     SeedScript,
@@ -75,6 +85,7 @@ from tasks.telemetry_ingest import (
 from ue_pilot.checks import CheckResult, Status, failed, inconclusive, passed, verdict
 from ue_pilot.orgids import InvalidOrgIdError, validate_org_id
 from ue_pilot.redact import install_log_redaction, redact_checks, redact_text
+from ue_pilot.results import flow_run_settings, key_results_by_run, result_storage
 from ue_pilot.settings import Settings
 
 
@@ -183,7 +194,11 @@ class Run:
     description="Onboard a new pilot org: create it in Clerk, seed it, prove its "
     "isolation, auth gates and monitoring, or disable it when a step fails.",
     persist_result=True,
+    result_storage=result_storage(),
     result_serializer="json",
+    timeout_seconds=flow_run_settings().onboarding_timeout_seconds,
+    on_failure=[page_flow_crash],
+    on_crashed=[page_flow_crash],
 )
 def onboarding(name: str, slug: str, created_by: str = "", seed_dir: str = "") -> dict:
     """Onboard one org and return the outcome with every step's checks.
@@ -196,6 +211,7 @@ def onboarding(name: str, slug: str, created_by: str = "", seed_dir: str = "") -
         seed_dir: Folder of the org's seed scripts, applied in name order
             (default: UE_SEED_SCRIPTS_DIR).
     """
+    key_results_by_run()
     logger = get_run_logger()
     settings = Settings()
     install_log_redaction(settings.secret_values())
@@ -216,7 +232,9 @@ def onboarding(name: str, slug: str, created_by: str = "", seed_dir: str = "") -
                 verify_cross_org_routes(run, access)                 # 6
                 enable_monitoring(run)                               # 7
                 set_org_active(run)
-            except Exception as error:
+            except BaseException as error:
+                # A timeout or an interrupt is recorded for the transaction's
+                # rollback hook too, then ends the run without the evidence below.
                 txn.set("failure", failure_record(run, error))
                 raise
     except Exception as error:
@@ -244,6 +262,7 @@ def create_organization(run: Run, name: str, slug: str, created_by: str) -> None
     """Create or adopt the org; a conflict fails the run before any org is touched."""
     run.start(1)
     try:
+        reject_rolled_back_org(run.settings, slug)
         run.org = create_clerk_org(run.settings, name, slug, created_by, run.run_id)
     except IdentityProviderError as error:
         # A failed check makes prove raise, so no org is recorded below.
@@ -258,6 +277,26 @@ def create_organization(run: Run, name: str, slug: str, created_by: str) -> None
         run.prove([failed("onboarding.clerk_org", str(error), None, **details)])
     run.prove([passed("onboarding.clerk_org", f"org {run.org['outcome']}",
                       run.org_id, **details)])
+
+
+def reject_rolled_back_org(settings: Settings, slug: str) -> None:
+    """Raise OrganizationConflictError when the org with this slug was rolled back.
+
+    A rollback writes its rollback id into the org's status details. Onboarding
+    never reopens or adopts such an org, because only a deliberate decision
+    may bring a rolled-back org back.
+    """
+    organization = get_organization(open_clerk(settings), slug)
+    if organization is None:
+        return
+    record = org_status(settings, organization)
+    if record.get("rollback_id"):
+        raise OrganizationConflictError(
+            f"org {organization.id} ({slug!r}) was rolled back (rollback "
+            f"{record['rollback_id']}, status {record['status']!r}); onboarding "
+            "never reopens a rolled-back org. Onboard it under a new slug, or "
+            "re-enable it deliberately first"
+        )
 
 
 # Step 2
@@ -429,9 +468,49 @@ def finish(
         "steps": steps,
     }
     publish_onboarding_evidence(result)
-    # Evidence record: the lead wires tasks.evidence.write_evidence_record here,
-    # with family "onboarding" and the checks of every step for result["org"].
+    result["evidence"] = record_onboarding(run, result, compensation)
     return result
+
+
+def record_onboarding(
+    run: Run, result: dict, compensation: CheckResult | None
+) -> dict | None:
+    """Write the org's evidence record of this run, failed or not.
+
+    Returns None when no org was created or adopted, so there is no org to
+    record, else the outcome of `write_evidence_record` or `{"error": ...}`.
+    Every Exception is logged and returned instead of raised, so a record never
+    takes the place of the run's outcome.
+    """
+    if run.org is None:
+        return None
+    checks = [check for number in sorted(run.results) for check in run.results[number]]
+    if compensation is not None:
+        checks.append(compensation)
+    org = run.org
+    target = {
+        "base_url": run.settings.base_url,
+        "org": org["org"],
+        "name": org.get("name"),
+        "slug": org.get("slug"),
+        "created_by": org.get("created_by"),
+        "org_outcome": org.get("outcome"),
+        "outcome": result["outcome"],
+        "failure": result["failure"],
+    }
+    records = {org["org"]: {"checks": checks, "target": target}}
+    try:
+        state = write_evidence_record(
+            run.settings, "onboarding", records, return_state=True
+        )
+        return evidence_outcome(state)
+    except Exception as problem:
+        # Any error, a bug included, is reported here and not raised.
+        message = redact_text(f"{type(problem).__name__}: {problem}",
+                              run.settings.secret_values())[:500]
+        get_run_logger().error("evidence record of onboarding %s not written: %s",
+                               org["org"], message)
+        return {"error": message}
 
 
 @task(name="publish-onboarding-evidence", cache_policy=NO_CACHE)

@@ -21,6 +21,11 @@ continues with the first unfinished step. A run for an org that is disabled,
 marked rolled back in the status document and has nothing but evidence
 records left under `<org>/` reports "already rolled back" and changes nothing.
 
+Every approved run, completed or failed at a step, ends with an evidence record
+of the org (family "rollback"): the approval and each step's outcome as checks,
+the plan, and the archive manifest's sha256. Runs that change nothing (dry run,
+rejected or missing approval, already rolled back) write none.
+
 Run once: `ue-pilot rollback --org ORG --reason TEXT --approve-as NAME`.
 """
 
@@ -47,6 +52,7 @@ from flows.export_all import export_all
 from tasks.archive import ARCHIVE_ROOT, archive_blobs
 from tasks.auth_events import sign_ins_since
 from tasks.blob_storage import blob_url, open_container
+from tasks.evidence import evidence_outcome, write_evidence_record
 from tasks.identity import (
     STATUS_DISABLED,
     get_organization,
@@ -70,12 +76,14 @@ from tasks.status_doc import (
     save_rollback_step,
     update_pilot_status,
 )
+from ue_pilot.checks import CheckResult, failed, inconclusive, passed
 from ue_pilot.evidence_records import FAMILIES, HEAD_FILE, RECORD_FILE
 from ue_pilot.orgids import InvalidOrgIdError, validate_org_id
 from ue_pilot.redact import install_log_redaction, redact_text
 from ue_pilot.results import flow_run_settings, key_results_by_run, result_storage
 from ue_pilot.settings import Settings
 
+ROLLBACK_FLOW = "rollback"
 STEPS = ("notify", "export", "disable", "verify", "archive", "status")
 STEP_TITLES = {
     "notify": "Notify the pilot org contact",
@@ -477,9 +485,12 @@ def disable_org(settings: Settings, org: str, details: dict) -> dict:
     """Flag the org disabled in Clerk and revoke every active session of its members.
 
     Every session of a member is revoked, not only those last used in this org,
-    because a Clerk session can switch its active org without a new sign-in. An
-    org already flagged keeps its original disable time, which the verify step
-    counts sign-ins from.
+    because a Clerk session can switch its active org without a new sign-in.
+    `details` must contain the rollback id. An org that this rollback already
+    flagged (a retried or continued step) keeps its disable time, which the
+    verify step counts sign-ins from. The flag and details of anything else,
+    such as a failed onboarding, are replaced, so that onboarding can never
+    reopen a rolled-back org.
 
     NOTE: Clerk's changelog of 2026-11-06 states that a revoked session's current
     token stays valid until it expires, so UE must also honour the status flag.
@@ -488,9 +499,13 @@ def disable_org(settings: Settings, org: str, details: dict) -> dict:
     clerk = open_clerk(settings)
     organization = find_organization(clerk, org)
     status = org_status(settings, organization)
-    newly_disabled = status["status"] != STATUS_DISABLED
+    newly_disabled = not (
+        status["status"] == STATUS_DISABLED
+        and status.get("rollback_id") == details["rollback_id"]
+    )
     if newly_disabled:
-        status = set_org_status(settings, clerk, org, STATUS_DISABLED, details)
+        replaced = rollback_status_details(status, details)
+        status = set_org_status(settings, clerk, org, STATUS_DISABLED, replaced)
     disabled_at = status.get("changed_at") or datetime.now(UTC).isoformat()
 
     members = list_members(clerk, org)
@@ -508,6 +523,20 @@ def disable_org(settings: Settings, org: str, details: dict) -> dict:
         "members_kept": len(members),
         "sessions_revoked": revoked,
     }
+
+
+def rollback_status_details(status: dict, details: dict) -> dict:
+    """Return the rollback's status details, replacing those of the previous status.
+
+    Clerk's merge-metadata endpoint (`PATCH /v1/organizations/{id}/metadata`)
+    deep-merges and removes a key set to null, so every earlier detail (a failed
+    onboarding's step and error, for one) is set to null, and `replaced` keeps
+    who set the previous status and when.
+    """
+    stale = {key: None for key in status if key not in ("status", "changed_at")}
+    replaced = {key: status[key] for key in ("status", "flow", "run_id", "changed_at")
+                if status.get(key) is not None}
+    return stale | {"flow": ROLLBACK_FLOW, **details, "replaced": replaced}
 
 
 @task(
@@ -594,7 +623,8 @@ class StepRunner:
             result = action(*args)
         except Exception as error:
             message = redact_text(str(error), self.settings.secret_values())
-            self.outcomes[step] = {"outcome": "failed", "error": message}
+            self.outcomes[step] = {"outcome": "failed", "error": message,
+                                   "error_type": type(error).__name__}
             self.publish()
             raise
         self.record = save_rollback_step(
@@ -703,29 +733,38 @@ def rollback(
     rollback_id = record["rollback_id"]
     steps = StepRunner(settings, org, record)
 
-    # 1. Notify
-    notice = build_notice(plan, record, approval, run_id)
-    steps.run("notify", notify_org_contact, settings, notice, f"{rollback_id}-notify")
-    # 2. Export
-    steps.run("export", export_org, settings, org)
-    # 3. Disable
-    disabled = steps.run("disable", disable_org, settings, org,
-                         {"rollback_id": rollback_id, "run_id": run_id})
-    # 4. Verify
-    steps.run("verify", verify_no_sessions, settings, org, disabled["disabled_at"])
-    # 5. Archive
-    archive = steps.run("archive", archive_blobs, settings, org)
-    # 6. Update status
-    status = steps.run("status", update_pilot_status, settings, {
-        "org": org, "status": STATUS_ROLLED_BACK,
-        "time": datetime.now(UTC).isoformat(), "run_id": run_id,
-        "rollback_id": rollback_id, "approver": approval["approver"],
-        "reason": record["reason"],
-    })
+    try:
+        # 1. Notify
+        notice = build_notice(plan, record, approval, run_id)
+        steps.run("notify", notify_org_contact, settings, notice,
+                  f"{rollback_id}-notify")
+        # 2. Export
+        steps.run("export", export_org, settings, org)
+        # 3. Disable
+        disabled = steps.run("disable", disable_org, settings, org,
+                             {"rollback_id": rollback_id, "run_id": run_id})
+        # 4. Verify
+        steps.run("verify", verify_no_sessions, settings, org,
+                  disabled["disabled_at"])
+        # 5. Archive
+        archive = steps.run("archive", archive_blobs, settings, org)
+        # 6. Update status
+        status = steps.run("status", update_pilot_status, settings, {
+            "org": org, "status": STATUS_ROLLED_BACK,
+            "time": datetime.now(UTC).isoformat(), "run_id": run_id,
+            "rollback_id": rollback_id, "approver": approval["approver"],
+            "reason": record["reason"],
+        })
+        close_rollback_record(settings, org, rollback_id)
+    except Exception as error:
+        # The failure is evidence too. record_rollback returns its own errors,
+        # so the step's error is what fails the run.
+        record_rollback(settings, steps, plan, approval, error)
+        raise
 
-    close_rollback_record(settings, org, rollback_id)
     steps.publish()
     publish_archive_manifest(settings, archive)
+    evidence = record_rollback(settings, steps, plan, approval)
     result = {
         "org": org, "outcome": STATUS_ROLLED_BACK, "run_id": run_id,
         "rollback_id": rollback_id,
@@ -733,9 +772,8 @@ def rollback(
         "reason": record["reason"], "requested_by": record["requested_by"],
         "plan": plan, "plan_markdown": markdown, "approval": approval,
         "steps": steps.rows(),
-        "archive": archive, "status_document": status,
+        "archive": archive, "status_document": status, "evidence": evidence,
     }
-    # TODO: store `result` with write_evidence_record (tasks/evidence.py) here.
     get_run_logger().info(result["message"])
     return result
 
@@ -747,7 +785,7 @@ def unchanged_result(plan: dict, markdown: str, outcome: str, run_id: str,
         "org": plan["org"], "outcome": outcome, "run_id": run_id,
         "rollback_id": None, "message": message, "plan": plan,
         "plan_markdown": markdown, "approval": None, "steps": [], "archive": None,
-        "status_document": None,
+        "status_document": None, "evidence": None,
     }
 
 
@@ -784,3 +822,124 @@ def publish_archive_manifest(settings: Settings, archive: dict) -> None:
         f"sha256 {manifest['sha256']}",
     )
 
+
+
+# Evidence
+
+# Check ids of the steps in the rollback's evidence record.
+STEP_CHECKS = {
+    "notify": "rollback.notify",
+    "export": "rollback.export",
+    "disable": "rollback.disable",
+    "verify": "rollback.sessions",
+    "archive": "rollback.archive",
+    "status": "rollback.status_document",
+}
+APPROVAL_CHECK = "rollback.approval"
+
+
+def record_rollback(
+    settings: Settings,
+    steps: StepRunner,
+    plan: dict,
+    approval: dict,
+    error: Exception | None = None,
+) -> dict:
+    """Write the org's evidence record of this approved rollback, failed or not.
+
+    Returns the outcome of `write_evidence_record`, or `{"error": ...}`. Every
+    Exception is logged and returned instead of raised, so a record that cannot
+    be built or written never takes the place of the rollback's own outcome.
+    """
+    org = steps.org
+    try:
+        checks = [approval_check(org, approval, steps.record["requested_by"])]
+        checks += [step_check(org, step, steps.outcomes.get(step)) for step in STEPS]
+        entry = {
+            "checks": checks,
+            "target": rollback_target(settings, steps, plan, approval, error),
+            "artifacts": archive_artifacts(steps.outcomes.get("archive")),
+        }
+        state = write_evidence_record(
+            settings, "rollback", {org: entry}, return_state=True
+        )
+        return evidence_outcome(state)
+    except Exception as problem:
+        # Any error, a bug included, is reported here and not raised.
+        message = redact_text(f"{type(problem).__name__}: {problem}",
+                              settings.secret_values())[:500]
+        get_run_logger().error("evidence record of the rollback of %s not written: "
+                               "%s", org, message)
+        return {"error": message}
+
+
+def approval_check(org: str, approval: dict, requested_by: str) -> CheckResult:
+    return passed(
+        APPROVAL_CHECK,
+        f"approved by {approval['approver']} at {approval['approved_at']}, "
+        f"requested by {requested_by}",
+        org,
+        requested_by=requested_by,
+        **approval,
+    )
+
+
+def step_check(org: str, step: str, outcome: dict | None) -> CheckResult:
+    """Return the check of one step: pass only when the step's work is done.
+
+    A step that did not run, a notice not sent because no contact is
+    configured, and a verify step that telemetry could not decide are
+    inconclusive.
+    """
+    check_id = STEP_CHECKS[step]
+    if outcome is None:
+        return inconclusive(check_id, "not run: the rollback stopped before this "
+                            "step", org)
+    if outcome["outcome"] == "failed":
+        if outcome["error_type"] == VerificationInconclusiveError.__name__:
+            return inconclusive(check_id, outcome["error"], org)
+        return failed(check_id, outcome["error"], org, error_type=outcome["error_type"])
+    result = outcome["result"]
+    done_by = "this run" if outcome["outcome"] == "done" else "an earlier run"
+    if step == "notify" and result.get("outcome") == "skipped":
+        return inconclusive(check_id, f"notice not sent: {result.get('reason')} "
+                            "(UE_NOTIFY_REQUIRED=false)", org, done_by=done_by,
+                            result=result)
+    summary = f"{summarize_step(step, result)} (by {done_by})"
+    return passed(check_id, summary, org, done_by=done_by, result=result)
+
+
+def rollback_target(
+    settings: Settings,
+    steps: StepRunner,
+    plan: dict,
+    approval: dict,
+    error: Exception | None,
+) -> dict:
+    """Describe what the rollback acted on: the request, the plan and the outcome."""
+    failure = None
+    if error is not None:
+        failure = redact_text(f"{type(error).__name__}: {error}",
+                              settings.secret_values())[:1000]
+    return {
+        "base_url": settings.base_url,
+        "org": steps.org,
+        "rollback_id": steps.rollback_id,
+        "outcome": "failed" if error is not None else STATUS_ROLLED_BACK,
+        "failure": failure,
+        "reason": steps.record["reason"],
+        "requested_by": steps.record["requested_by"],
+        "approval": approval,
+        "plan": plan,
+    }
+
+
+def archive_artifacts(outcome: dict | None) -> dict:
+    """Return the archive manifest blob with its sha256, once the archive finished."""
+    if outcome is None or outcome["outcome"] == "failed":
+        return {}
+    manifest = outcome["result"].get("manifest")
+    if not manifest:
+        return {}
+    return {"archive_manifest": {"blob": manifest["blob"],
+                                 "sha256": manifest["sha256"]}}

@@ -3,7 +3,6 @@ schedule and one-run-at-a-time limit."""
 
 from __future__ import annotations
 
-import logging
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -27,10 +26,6 @@ def prefect_yaml() -> list[dict]:
 def yaml_deployment(spec: DeploymentSpec) -> dict:
     (entry,) = [d for d in prefect_yaml() if d["entrypoint"] == spec.entrypoint]
     return entry
-
-
-def existing_specs() -> list[DeploymentSpec]:
-    return [s for s in DEPLOYMENTS if (ROOT / s.entrypoint.partition(":")[0]).exists()]
 
 
 def test_audit_deployment_is_hourly():
@@ -74,18 +69,22 @@ def test_registry_lists_every_flow():
     ]
 
 
-def test_build_deployments_skips_missing_module(caplog):
-    """A flow module that does not exist is skipped with a warning naming it."""
-    missing = [s for s in DEPLOYMENTS if s not in existing_specs()]
-    with caplog.at_level(logging.WARNING, logger="deployments"):
-        built = build_deployments(FlowRunSettings())
-    assert [d.flow_name for d in built] == [s.flow_name for s in existing_specs()]
-    for spec in missing:
-        assert f"deployment {spec.full_name} skipped" in caplog.text
+def test_build_deployments_builds_every_flow():
+    """Every deployment of the registry is built, in the order of prefect.yaml."""
+    built = build_deployments(FlowRunSettings())
+    assert [d.flow_name for d in built] == [s.flow_name for s in DEPLOYMENTS]
+    assert [d.name for d in built] == [s.name for s in DEPLOYMENTS]
+
+
+def test_load_flow_raises_missing_module():
+    """A flow module that does not exist is an import error, not a skip."""
+    spec = DeploymentSpec("gone", "on-demand", "flows/gone.py:gone", "x")
+    with pytest.raises(ModuleNotFoundError, match="flows.gone"):
+        load_flow(spec)
 
 
 def test_load_flow_raises_other_import_errors(tmp_path, monkeypatch):
-    """A flow module that exists but fails to import is an error, not a skip."""
+    """A flow module that exists but fails to import raises its import error."""
     package = tmp_path / "brokenflows"
     package.mkdir()
     (package / "__init__.py").write_text("")
@@ -96,7 +95,7 @@ def test_load_flow_raises_other_import_errors(tmp_path, monkeypatch):
         load_flow(spec)
 
 
-@pytest.mark.parametrize("spec", existing_specs(), ids=lambda s: s.full_name)
+@pytest.mark.parametrize("spec", DEPLOYMENTS, ids=lambda s: s.full_name)
 def test_deployment_matches_prefect_yaml(spec):
     """`serve` builds each deployment as prefect.yaml declares it."""
     (built,) = [d for d in build_deployments() if d.flow_name == spec.flow_name]
@@ -127,7 +126,7 @@ def test_prefect_yaml_uses_work_pool():
         assert declared["work_pool"]["name"] == "ue-pilot"
 
 
-@pytest.mark.parametrize("spec", existing_specs(), ids=lambda s: s.full_name)
+@pytest.mark.parametrize("spec", DEPLOYMENTS, ids=lambda s: s.full_name)
 def test_every_parameter_has_description(spec):
     """Every flow parameter has a description for the UI's run form."""
     flow = load_flow(spec)
@@ -139,12 +138,8 @@ def test_every_parameter_has_description(spec):
 
 def test_prefect_yaml_entrypoints_exist():
     """Every entrypoint in prefect.yaml names an existing file and function."""
-    pending = {"flows/onboarding.py", "flows/rollback.py"}
     for deployment in prefect_yaml():
         path, _, function = deployment["entrypoint"].partition(":")
-        if path in pending and not (ROOT / path).exists():
-            # TODO: remove `pending` once both flows exist.
-            continue
         source = (ROOT / path).read_text()
         assert f"def {function}(" in source
 

@@ -1,5 +1,6 @@
 """The onboarding flow against the sandbox pilot: a full run, a re-run, each
-injected failure and its compensation, and input rejected before any request."""
+injected failure and its compensation, the evidence records, an org that a
+rollback disabled, and input rejected before any request."""
 
 from __future__ import annotations
 
@@ -11,10 +12,13 @@ import httpx
 import psycopg
 import pytest
 import redis
+from azure.storage.blob import BlobServiceClient
 from click.testing import CliRunner
+from prefect import flow
 from psycopg.conninfo import make_conninfo
 
 from flows.onboarding import OnboardingRequestError, onboarding, validate_request
+from flows.rollback import disable_org
 from tasks.identity import open_clerk
 from tasks.telemetry_ingest import (
     ConnectionStringError,
@@ -40,7 +44,7 @@ FAULT_CASES = [
 
 @pytest.fixture(scope="module")
 def sandbox():
-    with SandboxProcess(orgs=3) as running:
+    with SandboxProcess(orgs=3, storage=True) as running:
         yield running
         forget_synthetic_routes(running.env)
 
@@ -97,6 +101,17 @@ def seed_log(env: dict[str, str], org_id: str) -> list[tuple]:
             " WHERE org_id = %s ORDER BY script",
             (org_id,),
         ).fetchall()
+
+
+def evidence_record(env: dict[str, str], result: dict) -> dict:
+    """Download the evidence record that the run's result names."""
+    org_id = result["org"]["org"]
+    name = result["evidence"]["records"][org_id]["record"]
+    service = BlobServiceClient.from_connection_string(
+        env["UE_SANDBOX_BLOB_CONNECTION_STRING"]
+    )
+    data = service.get_container_client("evidence").download_blob(name).readall()
+    return json.loads(data)
 
 
 def admin_url(env: dict[str, str]) -> str:
@@ -208,6 +223,20 @@ def test_onboarding_result_has_no_secret(onboarded, env):
     assert [secret for secret in secrets if secret in text] == []
 
 
+def test_onboarding_writes_evidence_record(onboarded, env):
+    """The org's record contains every check of every step and the run's outcome."""
+    _, result = onboarded
+    record = evidence_record(env, result)
+    check_ids = [c["id"] for s in result["steps"] for c in s["checks"]]
+    assert record["family"] == "onboarding"
+    assert record["org"] == result["org"]["org"]
+    assert record["run"]["flow_run_id"] == result["flow_run_id"]
+    assert record["verdict"] == "pass"
+    assert [c["id"] for c in record["checks"]] == check_ids
+    assert record["target"]["outcome"] == "onboarded"
+    assert record["target"]["slug"] == "union-local-100"
+
+
 def test_onboarding_rerun_changes_nothing(onboarded, env):
     """A re-run adopts the org, skips every seed script and writes nothing to Clerk."""
     _, first = onboarded
@@ -301,6 +330,18 @@ def test_cross_org_seed_disables_org(rejected_seed):
     assert result["compensation"]["status"] == "pass"
 
 
+def test_failed_onboarding_writes_evidence_record(rejected_seed, env):
+    """A failed run's record contains the failed check, the compensation and step."""
+    _, result = rejected_seed
+    record = evidence_record(env, result)
+    statuses = {c["id"]: c["status"] for c in record["checks"]}
+    assert record["verdict"] == "fail"
+    assert statuses["onboarding.seed_scripts"] == "fail"
+    assert statuses["onboarding.compensation"] == "pass"
+    assert record["target"]["outcome"] == "failed"
+    assert record["target"]["failure"]["step"] == 3
+
+
 def test_rerun_after_fix_reopens_org(rejected_seed, env):
     """A re-run without the bad script reopens the org and leaves it active."""
     _, failed_run = rejected_seed
@@ -311,6 +352,60 @@ def test_rerun_after_fix_reopens_org(rejected_seed, env):
     assert result["org"]["outcome"] == "reopened"
     assert seeds["observed"]["skipped"] == SEED_NAMES
     assert org_metadata(result["org"]["org"])["ue_pilot_status"] == "active"
+
+
+@flow(name="rollback-disable-step")
+def disable_step(org_id: str) -> dict:
+    """Run the rollback's disable step alone, inside a flow run as a rollback does."""
+    details = {"rollback_id": "rollback-test-700", "run_id": "run-test-700"}
+    return disable_org(Settings(), org_id, details)
+
+
+@pytest.fixture(scope="module")
+def rolled_back_org(prefect_server, sandbox, cross_org_seeds):
+    """An org that a failed onboarding disabled, then a rollback's disable step.
+
+    A rollback cannot export an org whose sessions UE already rejects, so this
+    runs the rollback's disable step alone, as it runs after a rollback's
+    earlier steps.
+    """
+    patch = pytest.MonkeyPatch()
+    for name, value in sandbox.env.items():
+        patch.setenv(name, value)
+    try:
+        _, failed_run = run_flow(sandbox.env, "union-local-700", cross_org_seeds)
+        org_id = failed_run["org"]["org"]
+        disabled = disable_step(org_id)
+        yield {"org": org_id, "failed_run": failed_run, "disabled": disabled}
+    finally:
+        patch.undo()
+
+
+def test_rollback_disable_replaces_onboarding_details(rolled_back_org, env):
+    """The rollback's disable replaces the failed onboarding's status details."""
+    metadata = org_metadata(rolled_back_org["org"])
+    details = metadata["ue_pilot_status_details"]
+    assert rolled_back_org["disabled"]["already_disabled"] is False
+    assert metadata["ue_pilot_status"] == "disabled"
+    assert details["flow"] == "rollback"
+    assert details["rollback_id"] == "rollback-test-700"
+    assert "step" not in details
+    assert "error" not in details
+    assert details["replaced"]["flow"] == "onboarding"
+    assert details["replaced"]["run_id"] == rolled_back_org["failed_run"]["flow_run_id"]
+
+
+def test_onboarding_never_reopens_rolled_back_org(rolled_back_org, env):
+    """A re-run for a rolled-back org fails step 1 and leaves the org disabled."""
+    before = org_metadata(rolled_back_org["org"])
+    state, result = run_flow(env, "union-local-700")
+    failure = check(result, 1, "onboarding.clerk_org")
+    assert state.is_failed()
+    assert result["failure"]["step"] == 1
+    assert "was rolled back (rollback rollback-test-700" in failure["summary"]
+    assert result["org"] is None
+    assert result["compensation"] is None
+    assert org_metadata(rolled_back_org["org"]) == before
 
 
 def test_changed_seed_script_fails(prefect_server, env, tmp_path):

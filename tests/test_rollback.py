@@ -1,9 +1,10 @@
 """The rollback flow against the sandbox: Clerk stand-in, Azurite, telemetry and
 the notification webhook, each run resumed with its approval through the Prefect
-API."""
+API, and the evidence record each approved run writes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections.abc import Iterator
@@ -30,11 +31,13 @@ from flows.rollback import (
     SessionsRemainError,
     UnknownOrgError,
     VerificationInconclusiveError,
+    is_evidence_blob,
     rollback,
 )
 from tasks.archive import ArchiveCopyError
 from ue_pilot.approvals import PauseResponder, create_flow_run, execute_flow_run
 from ue_pilot.cli import main
+from ue_pilot.evidence_verify import verify_chain
 from ue_pilot.orgids import InvalidOrgIdError
 from ue_pilot.sandbox.runner import SandboxProcess
 
@@ -46,6 +49,11 @@ ORG_ACTIVE = "org_sandbox0005"  # keeps signing in, so telemetry passes each dis
 REQUESTER = "Rita Requester"
 APPROVER = "Alex Approver"
 REASON = "pilot ended by the union"
+# The checks of a rollback's evidence record, in order.
+RECORD_CHECKS = [
+    "rollback.approval", "rollback.notify", "rollback.export", "rollback.disable",
+    "rollback.sessions", "rollback.archive", "rollback.status_document",
+]
 # Settings every rollback test uses: a quick telemetry poll and approval timeout.
 FAST = {
     "UE_ROLLBACK_TELEMETRY_POLL_SECONDS": "1",
@@ -98,6 +106,26 @@ def blob_names(env: dict, prefix: str) -> list[str]:
     if not client.exists():
         return []
     return sorted(client.list_blob_names(name_starts_with=prefix))
+
+
+def blobs_besides_evidence(env: dict, org: str) -> list[str]:
+    """Return the blobs under `<org>/` other than evidence records and their head."""
+    prefix = f"{org}/"
+    return [name for name in blob_names(env, prefix)
+            if not is_evidence_blob(name, prefix)]
+
+
+def rollback_record(env: dict, org: str, state: State) -> dict:
+    """Download the evidence record that the rollback run of `state` wrote."""
+    run_id = str(state.state_details.flow_run_id)
+    names = [name for name in blob_names(env, f"{org}/rollback/")
+             if f"/{run_id}/" in name]
+    assert len(names) == 1, names
+    return json.loads(container(env).download_blob(names[0]).readall())
+
+
+def check_statuses(record: dict) -> dict[str, str]:
+    return {check["id"]: check["status"] for check in record["checks"]}
 
 
 def status_document(env: dict) -> dict:
@@ -285,8 +313,8 @@ def test_rollback_notifies_contact_once(rolled_back, env):
 
 
 def test_rollback_archives_every_blob(rolled_back, env):
-    """Nothing is left under <org>/ and the export sits under archived/<org>/."""
-    assert blob_names(env, f"{ORG_DONE}/") == []
+    """Only evidence is left under <org>/ and the export is under archived/<org>/."""
+    assert blobs_besides_evidence(env, ORG_DONE) == []
     archived = blob_names(env, f"archived/{ORG_DONE}/exports/")
     assert any(name.endswith("/manifest.json") for name in archived)
     assert any(name.endswith("/rewards.csv") for name in archived)
@@ -355,6 +383,54 @@ def test_rollback_keeps_secrets_out(rolled_back, env):
         assert secret not in text
 
 
+def test_rollback_writes_evidence_record(rolled_back, env):
+    """The record contains the approval and every step as a passed check."""
+    record = rollback_record(env, ORG_DONE, rolled_back.state)
+    assert record["family"] == "rollback"
+    assert record["verdict"] == "pass"
+    assert [check["id"] for check in record["checks"]] == RECORD_CHECKS
+    assert set(check_statuses(record).values()) == {"pass"}
+    assert record["target"]["outcome"] == "rolled-back"
+
+
+def test_rollback_record_contains_approval(rolled_back, env):
+    """The record names the approver, the time, the comment and the plan."""
+    record = rollback_record(env, ORG_DONE, rolled_back.state)
+    approval = record["target"]["approval"]
+    assert approval["approver"] == APPROVER
+    assert approval["approved_at"] == rolled_back.result["approval"]["approved_at"]
+    assert approval["comment"] == "checked the plan"
+    assert record["target"]["requested_by"] == REQUESTER
+    assert len(record["target"]["plan"]["members"]) == 3
+
+
+def test_rollback_record_hashes_archive_manifest(rolled_back, env):
+    """The record lists the archive manifest with the sha256 of its stored bytes."""
+    record = rollback_record(env, ORG_DONE, rolled_back.state)
+    manifest = rolled_back.result["archive"]["manifest"]
+    data = container(env).download_blob(manifest["blob"]).readall()
+    (artifact,) = record["artifacts"]
+    assert artifact["name"] == "archive_manifest"
+    assert artifact["blob"] == manifest["blob"]
+    assert artifact["sha256"] == hashlib.sha256(data).hexdigest()
+
+
+def test_rollback_record_contains_status_etag(rolled_back, env):
+    """The status document check carries the etag the document was written with."""
+    record = rollback_record(env, ORG_DONE, rolled_back.state)
+    (check,) = [c for c in record["checks"] if c["id"] == "rollback.status_document"]
+    assert check["observed"]["result"]["etag"] == (
+        rolled_back.result["status_document"]["etag"]
+    )
+
+
+def test_rollback_record_continues_chain(rolled_back, env):
+    """The export's archived record and the rollback's record form one chain."""
+    report = verify_chain(container(env), ORG_DONE)
+    assert report.status == "intact"
+    assert [r.content["family"] for r in report.chain()] == ["export", "rollback"]
+
+
 def test_second_rollback_changes_nothing(rolled_back, env):
     """A second run reports "already rolled back" and changes nothing."""
     before = (status_document(env), clerk_org(env, ORG_DONE)["updated_at"],
@@ -372,16 +448,17 @@ def test_second_rollback_changes_nothing(rolled_back, env):
 def test_evidence_records_do_not_reopen_rollback(rolled_back, env):
     """Evidence records written under <org>/ after the archive leave it rolled back."""
     client = container(env)
-    head = f"{ORG_DONE}/evidence-head.json"
     record = f"{ORG_DONE}/isolation-audit/2030/01/run-1/record.json"
-    for name in (head, record):
-        client.upload_blob(name, b"{}")
+    client.upload_blob(record, b"{}")
     try:
+        left = blob_names(env, f"{ORG_DONE}/")
         result = run_rollback(ORG_DONE, approval_input(ORG_DONE)).result()
     finally:
-        client.delete_blobs(head, record)
+        client.delete_blob(record)
     assert result["outcome"] == "already-rolled-back"
-    assert result["plan"]["blobs"]["evidence_records"] == 2
+    assert f"{ORG_DONE}/evidence-head.json" in left
+    assert record in left
+    assert result["plan"]["blobs"]["evidence_records"] == len(left)
 
 
 # Approvals and requests that change nothing
@@ -478,8 +555,12 @@ def test_second_run_continues_after_failure(env, monkeypatch):
         # Without a Logs target the verify step cannot prove anything.
         patch.setenv("UE_LOGS_RESOURCE_ID", "")
         patch.setenv("UE_LOGS_WORKSPACE_ID", "")
-        error = failure(run_rollback(ORG_RESUMED, approval_input(ORG_RESUMED)))
+        failed_state = run_rollback(ORG_RESUMED, approval_input(ORG_RESUMED))
+    error = failure(failed_state)
+    failed_record = rollback_record(env, ORG_RESUMED, failed_state)
     assert isinstance(error, VerificationInconclusiveError)
+    assert check_statuses(failed_record)["rollback.sessions"] == "inconclusive"
+    assert failed_record["verdict"] == "inconclusive"
     assert "ue_pilot_status" in clerk_org(env, ORG_RESUMED)["public_metadata"]
     exported = blob_names(env, f"{ORG_RESUMED}/")
     assert exported, "the export of the failed run is still under <org>/"
@@ -498,7 +579,7 @@ def test_second_run_continues_after_failure(env, monkeypatch):
         "Update the pilot status document": "done",
     }
     assert len(notifications(env, ORG_RESUMED)) == 1
-    assert blob_names(env, f"{ORG_RESUMED}/") == []
+    assert blobs_besides_evidence(env, ORG_RESUMED) == []
     archived = blob_names(env, f"archived/{ORG_RESUMED}/")
     assert sorted(f"archived/{name}" for name in exported) == archived
     assert status_document(env)["orgs"][ORG_RESUMED]["approver"] == "Sam Second"
@@ -579,7 +660,7 @@ def test_rollback_resumes_after_blob_copy_fails(faulty_sandbox, ue_env):
     ue_env({**env, "UE_BLOB_CONNECTION_STRING": direct})
     state = run_rollback(org, approval_input(org))
     assert state.is_completed(), state.result(raise_on_failure=False)
-    assert blob_names(env, f"{org}/") == []
+    assert blobs_besides_evidence(env, org) == []
     assert sorted(f"archived/{name}" for name in sources) == blob_names(
         env, f"archived/{org}/"
     )
@@ -593,15 +674,47 @@ def surviving_sessions_sandbox(prefect_server) -> Iterator[SandboxProcess]:
         yield running
 
 
-def test_surviving_sessions_stop_rollback(surviving_sessions_sandbox, ue_env):
+@pytest.fixture(scope="module")
+def sessions_survive(surviving_sessions_sandbox) -> Iterator[State]:
+    """The final state of a rollback of org_sandbox0001 whose sessions survive."""
+    org = "org_sandbox0001"
+    patch = pytest.MonkeyPatch()
+    for name, value in sandbox_env(surviving_sessions_sandbox).items():
+        patch.setenv(name, value)
+    try:
+        yield run_rollback(org, approval_input(org))
+    finally:
+        patch.undo()
+
+
+def test_surviving_sessions_stop_rollback(
+    sessions_survive, surviving_sessions_sandbox, ue_env
+):
     """The verify step fails listing the sessions, and nothing is archived."""
     org = "org_sandbox0001"
     env = sandbox_env(surviving_sessions_sandbox)
     ue_env(env)
-    error = failure(run_rollback(org, approval_input(org)))
+    error = failure(sessions_survive)
     assert isinstance(error, SessionsRemainError)
     for session in active_sessions(env, org):
         assert session["id"] in str(error)
     assert blob_names(env, f"{org}/") != []
     assert blob_names(env, f"archived/{org}/") == []
     assert org not in status_document(env)["orgs"]
+
+
+def test_failed_rollback_writes_evidence_record(
+    sessions_survive, surviving_sessions_sandbox
+):
+    """The failed step fails its check, and the steps after it are inconclusive."""
+    env = sandbox_env(surviving_sessions_sandbox)
+    record = rollback_record(env, "org_sandbox0001", sessions_survive)
+    statuses = check_statuses(record)
+    assert [check["id"] for check in record["checks"]] == RECORD_CHECKS
+    assert record["verdict"] == "fail"
+    assert statuses["rollback.disable"] == "pass"
+    assert statuses["rollback.sessions"] == "fail"
+    assert statuses["rollback.archive"] == "inconclusive"
+    assert statuses["rollback.status_document"] == "inconclusive"
+    assert record["target"]["outcome"] == "failed"
+    assert record["target"]["failure"].startswith("SessionsRemainError: ")

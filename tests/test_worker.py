@@ -21,7 +21,6 @@ from uuid import UUID
 import httpx
 import psycopg
 import pytest
-import yaml
 from prefect.client.orchestration import SyncPrefectClient, get_client
 from prefect.client.schemas.objects import FlowRun
 from prefect.settings import PREFECT_API_URL, temporary_settings
@@ -92,20 +91,11 @@ def prefect_cli(args: list[str], env: dict[str, str]) -> str:
 
 
 @pytest.fixture(scope="module")
-def deployed(prefect_env, tmp_path_factory) -> dict[str, dict]:
+def deployed(prefect_env) -> dict[str, dict]:
     """Create the work pool, run `prefect deploy --all`, return the deployments."""
     prefect_cli(["work-pool", "create", "ue-pilot", "--type", "process"], prefect_env)
-    config = yaml.safe_load((ROOT / "prefect.yaml").read_text())
-    # TODO: deploy prefect.yaml itself once flows/onboarding.py and
-    # flows/rollback.py are in the repository. Without them `--all` fails.
-    config["deployments"] = [
-        d for d in config["deployments"]
-        if (ROOT / d["entrypoint"].partition(":")[0]).exists()
-    ]
-    prefect_file = tmp_path_factory.mktemp("deploy") / "prefect.yaml"
-    prefect_file.write_text(yaml.safe_dump(config))
     prefect_cli(
-        ["deploy", "--all", "--prefect-file", str(prefect_file)],
+        ["deploy", "--all"],
         prefect_env | {"UE_SCHEDULE_TIMEZONE": "America/Toronto"},
     )
     response = httpx.post(
@@ -190,13 +180,8 @@ def pagerduty_events(sandbox: SandboxProcess) -> list[dict]:
 
 
 def test_prefect_deploy_creates_deployments(deployed):
-    """`prefect deploy --all` creates every deployment whose flow exists."""
-    expected = [
-        spec.full_name for spec in DEPLOYMENTS
-        if (ROOT / spec.entrypoint.partition(":")[0]).exists()
-    ]
-    assert "isolation-audit/hourly" in expected
-    assert sorted(deployed) == sorted(expected)
+    """`prefect deploy --all` creates the deployment of every flow."""
+    assert sorted(deployed) == sorted(spec.full_name for spec in DEPLOYMENTS)
 
 
 def test_deployed_audit_schedule(deployed):
