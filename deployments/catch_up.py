@@ -8,7 +8,7 @@ the late-runs service renames them Late while the scheduler keeps adding runs
 ahead. A worker that comes back then fetches every due run at once.
 
 The audit deployment's concurrency limit of 1 with CANCEL_NEW cancels each run
-that asks for a slot while another run holds it. That covers runs a worker
+that requests a slot while another run has it. That covers runs a worker
 submits together, but not runs it submits in a later poll or after the first
 run ended. Each of those would audit again. So the audit run that holds the
 slot first cancels every other run of its deployment that is due and has not

@@ -32,7 +32,7 @@ AUTH_SUCCESS_QUERY = """$events
 
 @dataclass
 class SignInEvidence:
-    """What telemetry shows about an org's sign-ins since `since`.
+    """Telemetry evidence of an org's sign-ins since `since`.
 
     `status` is "none" (proved: no sign-in), "found" (sign-ins listed in
     `users`) or "inconclusive" (nothing proved, `problem` gives the reason).

@@ -1,4 +1,4 @@
-"""What the flows do to the identity provider, Clerk, through its Backend API SDK.
+"""Identity provider tasks: the flows' calls to Clerk through its Backend API SDK.
 
 Clerk has no disable for an organization, so the pilot status lives in the
 org's public metadata under `UE_CLERK_STATUS_KEY`, which UE honours. Nothing
@@ -50,7 +50,7 @@ def open_clerk(settings: Settings) -> Clerk:
 
 
 def get_organization(clerk: Clerk, org_id: str) -> models.Organization | None:
-    """Return the organization, or None when Clerk answers 404."""
+    """Return the organization, or None when Clerk returns 404."""
     try:
         return clerk.organizations.get(organization_id=org_id)
     except models.ClerkErrors as error:
@@ -143,7 +143,7 @@ def list_members(clerk: Clerk, org_id: str) -> list[dict]:
 def list_active_sessions(clerk: Clerk, user_ids: list[str]) -> list[dict]:
     """Return the active sessions of the users, whatever org each was last used in.
 
-    Clerk's session list has no org filter, so this asks once per user. Each
+    Clerk's session list has no org filter, so this sends one request per user. Each
     session is {id, user_id, last_active_organization_id, created_at} with
     `created_at` in milliseconds since the epoch, as Clerk gives it.
     """

@@ -596,7 +596,7 @@ def synthetic_report(count: int, message: str = "") -> object:
 
 
 def test_timeline_caps_drawn_runs(tmp_path):
-    """With 300 runs the picture draws the last 200 and says so in the report."""
+    """With 300 runs the picture draws the last 200 and the report states the cap."""
     report = synthetic_report(300)
     write_report(report, tmp_path)
     markdown = (tmp_path / "report.md").read_text()

@@ -1,5 +1,5 @@
 """Result storage: JSON results in a folder or an Azure Blob container (Azurite),
-stored under a key that holds the flow run id."""
+stored under a key that contains the flow run id."""
 
 from __future__ import annotations
 

@@ -122,7 +122,7 @@ def build_redis(settings: Settings) -> redis.Redis:
 
 
 def build_clerk(settings: Settings):
-    """Build the Clerk SDK client, retrying 429 and 5XX answers with backoff.
+    """Build the Clerk SDK client, retrying 429 and 5XX responses with backoff.
 
     The SDK's own default retries only 5XX, for up to an hour. This retries 429
     too, honouring Retry-After, and gives up after `UE_CLERK_RETRY_MAX_SECONDS`.

@@ -199,7 +199,9 @@ class Settings(BaseSettings):
         description="Public metadata key of an org's pilot status, which UE honours.",
     )
     clerk_retry_max_seconds: float = Field(
-        30.0, gt=0, description="How long Clerk requests retry 429 and 5XX answers."
+        30.0,
+        gt=0,
+        description="Seconds that Clerk requests retry 429 and 5XX responses.",
     )
 
     # Onboarding.

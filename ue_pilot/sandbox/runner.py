@@ -89,7 +89,7 @@ def seed_clerk(clerk: ClerkState, org_ids: list[str]) -> None:
 
 
 def clerk_org_active(clerk: ClerkState, org_id: str) -> bool:
-    """Return False when the org's pilot status in Clerk says disabled.
+    """Return False when the org's pilot status in Clerk is `disabled`.
 
     This is the flag UE honours (the setting UE_CLERK_STATUS_KEY, default
     `ue_pilot_status`): a disabled org's sessions stop resolving.
