@@ -1,9 +1,10 @@
 """Benchmark the blob archive of the rollback flow against a naive per-blob move.
 
-The script starts one Azurite on 127.0.0.1 and, for each size, uploads that
-many 1 KiB blobs twice, under two orgs of one container, each blob with
-Content-MD5, two metadata entries and two tags. Then it moves one org's blobs
-to `archived/<org>/` with each side, one after the other:
+For each size and side the script starts a new Azurite on 127.0.0.1. Both
+sides so begin with the same storage account: that many 1 KiB blobs under
+the org to move, and 20 under a neighbour org whose id starts with the moved
+org's id. Each blob has Content-MD5, two metadata entries and two tags. The
+side then moves the org's blobs to `archived/<org>/`:
 
 - naive: one blob after another, the way a script around the SDK's per-blob
   calls does it. For each blob it gets the source's properties and tags and
@@ -12,15 +13,17 @@ to `archived/<org>/` with each side, one after the other:
   Content-MD5, metadata and tags. Then it deletes the source with its etag
   as If-Match.
 - archive: `tasks.archive.archive_org`, the code of the `archive-blobs` task
-  without Prefect: listings with metadata and tags, one Copy Blob per blob on
-  8 threads, one verification listing, and Blob Batch deletes of 256 blobs
-  with each source's etag as If-Match.
+  without Prefect: listings with metadata and tags, then chunks of 512
+  blobs, each with one Copy Blob per blob on 8 threads, verification from a
+  running listing, and Blob Batch deletes of 256 blobs with each source's
+  etag as If-Match.
 
 Both sides use one BlobServiceClient each, whose transport counts every HTTP
 request it sends (a Blob Batch counts once). After each side the script
 checks that nothing is left under `<org>/` and that the listing of
 `archived/<org>/` has the size, Content-MD5, metadata and tags of every blob
-before, and it downloads a sample of the archived blobs to hash them.
+before, that the neighbour org's blobs are unchanged, and it downloads a
+sample of the archived blobs to hash them.
 
 Every request goes to the Azurite that the script started on 127.0.0.1.
 
@@ -72,6 +75,9 @@ SAMPLE_DOWNLOADS = 100
 PATTERN = r"^org_[A-Za-z0-9]{1,60}$"
 NAIVE_ORG = "org_benchnaive"
 ARCHIVE_ORG = "org_bencharchive"
+# Blobs of the neighbour org `<org>x`, which no side may touch.
+NEIGHBOUR_BLOBS = 20
+CONTAINER = "evidence"
 DOC_PATH = REPO / "docs" / "benchmarks.md"
 DOC_BEGIN = "<!-- archive-blobs:begin -->"
 DOC_END = "<!-- archive-blobs:end -->"
@@ -279,60 +285,68 @@ class SideResult:
         return (self.bench_cpu_s + self.azurite_cpu_s) * 1000 / self.blobs
 
 
-def measure_side(
-    side: str,
-    azurite: Azurite,
-    container_name: str,
-    org: str,
-    count: int,
-) -> SideResult:
-    container, transport = counting_container(azurite.connection_string, container_name)
-    before = listing_contents(container, f"{org}/")
-    if len(before) != count:
-        raise BenchError(f"{org}/ has {len(before)} blobs, expected {count}")
-    transport.kinds.clear()
-    move = archive_naively if side == "naive" else archive_with_task_code
+def measure_side(side: str, org: str, count: int) -> SideResult:
+    """Start a new Azurite, seed it, move `org` with `side`, and check the move."""
+    with Azurite.start() as azurite:
+        service = BlobServiceClient.from_connection_string(
+            azurite.connection_string,
+            transport=RequestsTransport(use_env_settings=False),
+        )
+        seeding = service.create_container(CONTAINER)
+        started = time.perf_counter()
+        seed_org(seeding, org, count)
+        neighbour = f"{org}x"
+        seed_org(seeding, neighbour, NEIGHBOUR_BLOBS)
+        print(
+            f"{count:,} blobs: {side}: Azurite on port {azurite.port}, seeded in "
+            f"{time.perf_counter() - started:.1f} s",
+            flush=True,
+        )
+        container, transport = counting_container(
+            azurite.connection_string, CONTAINER
+        )
+        before = listing_contents(container, f"{org}/")
+        neighbour_before = etags(container, f"{neighbour}/")
+        if len(before) != count:
+            raise BenchError(f"{org}/ has {len(before)} blobs, expected {count}")
+        transport.kinds.clear()
+        move = archive_naively if side == "naive" else archive_with_task_code
 
-    load_before = os.getloadavg()[0]
-    cpu_before = own_cpu_seconds()
-    azurite_before = process_cpu_seconds(azurite.pid)
-    started = time.perf_counter()
-    moved = move(container, org)
-    wall_s = time.perf_counter() - started
-    result = SideResult(
-        side=side,
-        blobs=count,
-        wall_s=wall_s,
-        bench_cpu_s=own_cpu_seconds() - cpu_before,
-        azurite_cpu_s=process_cpu_seconds(azurite.pid) - azurite_before,
-        load_before=load_before,
-        load_after=os.getloadavg()[0],
-        requests=Counter(transport.kinds),
-    )
-    if moved != count:
-        raise BenchError(f"{side} moved {moved} of {count} blobs")
-    result.check = check_moved(container, org, before)
+        load_before = os.getloadavg()[0]
+        cpu_before = own_cpu_seconds()
+        azurite_before = process_cpu_seconds(azurite.pid)
+        started = time.perf_counter()
+        moved = move(container, org)
+        wall_s = time.perf_counter() - started
+        result = SideResult(
+            side=side,
+            blobs=count,
+            wall_s=wall_s,
+            bench_cpu_s=own_cpu_seconds() - cpu_before,
+            azurite_cpu_s=process_cpu_seconds(azurite.pid) - azurite_before,
+            load_before=load_before,
+            load_after=os.getloadavg()[0],
+            requests=Counter(transport.kinds),
+        )
+        if moved != count:
+            raise BenchError(f"{side} moved {moved} of {count} blobs")
+        if etags(container, f"{neighbour}/") != neighbour_before:
+            raise BenchError(f"{side} changed blobs of the neighbour org {neighbour}")
+        result.check = check_moved(container, org, before)
     return result
 
 
-def measure_size(azurite: Azurite, count: int) -> list[SideResult]:
-    """Seed both orgs in a new container and run the naive side, then the archive."""
-    service = BlobServiceClient.from_connection_string(
-        azurite.connection_string,
-        transport=RequestsTransport(use_env_settings=False),
-    )
-    container_name = f"bench{count}"
-    container = service.create_container(container_name)
-    started = time.perf_counter()
-    seed_org(container, NAIVE_ORG, count)
-    seed_org(container, ARCHIVE_ORG, count)
-    print(
-        f"{count:,} blobs: seeded 2 orgs in {time.perf_counter() - started:.1f} s",
-        flush=True,
-    )
+def etags(container: ContainerClient, prefix: str) -> dict[str, str]:
+    return {
+        item.name: item.etag for item in container.list_blobs(name_starts_with=prefix)
+    }
+
+
+def measure_size(count: int) -> list[SideResult]:
+    """Run the naive side, then the archive, each in a new Azurite."""
     results = []
     for side, org in (("naive", NAIVE_ORG), ("archive", ARCHIVE_ORG)):
-        result = measure_side(side, azurite, container_name, org, count)
+        result = measure_side(side, org, count)
         print(
             f"{count:,} blobs: {side} {result.wall_s:.1f} s, "
             f"{result.requests_per_blob:.3f} requests per blob",
@@ -433,9 +447,10 @@ def describe_code() -> str:
 METHOD = """\
 `bench/archive_blobs.py` moves `<org>/` to `archived/<org>/` in Azurite
 3.37.0, the way the rollback flow's "Archive blobs" step does. For each size
-it uploads that many 1 KiB blobs under each of two orgs of a new container,
-each blob with Content-MD5, two metadata entries and two tags. Then it moves
-one org with each side, one after the other, in the same Azurite:
+and side it starts a new Azurite and uploads that many 1 KiB blobs under the
+org to move and 20 under a neighbour org whose id starts with the moved
+org's id, each blob with Content-MD5, two metadata entries and two tags.
+Both sides so begin with the same account. Then the side moves the org:
 
 - **naive**: one blob after another. Per blob: Get Blob Properties and Get
   Blob Tags of the source, Copy Blob with those tags (Copy Blob does not copy
@@ -445,19 +460,21 @@ one org with each side, one after the other, in the same Azurite:
   requests per blob, plus one listing of the names.
 - **archive**: `tasks.archive.archive_org`, which the `archive-blobs` task
   runs, without Prefect. It lists the source with metadata and tags, writes
-  the manifest and sends one Copy Blob per blob on 8 threads. It verifies
-  the copies from one listing of `archived/<org>/`. Then it deletes the
-  sources in Blob Batch requests of 256, each with the source's etag as
-  If-Match.
+  the manifest, then moves chunks of 512 blobs: one Copy Blob per blob on 8
+  threads, verification from the next pages of one running listing of
+  `archived/<org>/`, and Blob Batch deletes of 256, each with the source's
+  etag as If-Match. At most two chunks of copies so exist beside their
+  sources.
 
 Requests are counted by the SDK client's transport, so a Blob Batch of 256
 deletes counts as one request. Bench CPU is this script's process, which runs
 the client, and CPU per blob adds Azurite's CPU to it. Other jobs share the
 2 CPUs, so wall times vary with the load average shown; CPU per blob varies
-less. After each side the script checks that `<org>/` is empty and that
-the listing of `archived/<org>/` has the size, Content-MD5, metadata and
-tags of every blob before. It also downloads and hashes a sample of 100
-archived blobs. Each size is measured once."""
+less. After each side the script checks that `<org>/` is empty, that the
+listing of `archived/<org>/` has the size, Content-MD5, metadata and tags
+of every blob before, and that the neighbour org's blobs keep their etags.
+It also downloads and hashes a sample of 100 archived blobs. Each size is
+measured once."""
 
 
 def render_section(
@@ -516,10 +533,8 @@ def run_bench(args: argparse.Namespace) -> int:
     clock = time.perf_counter()
     machine = describe_machine()
     results = {}
-    with Azurite.start() as azurite:
-        print(f"Azurite on port {azurite.port}", flush=True)
-        for count in args.sizes:
-            results[count] = measure_size(azurite, count)
+    for count in args.sizes:
+        results[count] = measure_size(count)
     total_s = time.perf_counter() - clock
 
     section = render_section(args, results, started, machine, total_s)

@@ -9,15 +9,20 @@ copied, the copy is verified, and only then is the source deleted. One run:
 2. List `<org>/` with metadata and tags, one request per 5,000 blobs.
 3. Write the archive manifest (name, size, MD5, metadata and tags of every
    blob) before the first copy, or reuse the open one of a killed run.
-4. Copy each source whose archived copy is missing or stale. The copy is
-   conditioned on the listed source etag, and on no existing destination.
-5. Verify from one listing of `archived/<org>/`: copy status, size, MD5,
-   metadata and tags equal to the source's listing.
-6. Delete the verified sources in Blob Batch requests of up to 256 deletes,
-   each conditioned on the source's listed etag.
-7. List `<org>/` again, check every manifest entry against the verification
-   listing (deletes change no archived blob), and close the manifest.
+4. Move the sources in chunks of 512 in name order. First copy each source
+   of the chunk whose archived copy is missing or stale. Each copy is
+   conditioned on the listed source etag and on no existing destination.
+   Then verify the copies from the next pages of one running listing of
+   `archived/<org>/`: copy status, size, MD5, metadata and tags equal to the
+   source's listing. Last, delete the verified sources in Blob Batch
+   requests of up to 256 deletes, each conditioned on the source's listed
+   etag. A chunk is verified only after the next chunk's copies exist, so
+   the running listing has names beyond it and does not end early.
+5. List `<org>/` again, check every manifest entry against the verification
+   listings (deletes change no archived blob), and close the manifest.
 
+Chunks keep the storage account's blob count near its starting count: at
+most two chunks of copies exist beside their sources at any time.
 A run killed at any point resumes from what the storage shows: a verified
 copy is not copied again, a missing or stale one is copied again, and a
 source already deleted is checked against the manifest. Per blob, a run sends
@@ -57,6 +62,11 @@ MANIFEST_FOLDER = f"{ARCHIVE_ROOT}/_manifests"
 RESERVED_NAMES = frozenset({ARCHIVE_ROOT, "_manifests", "quarantine"})
 # Blob Batch accepts at most 256 sub-requests per batch.
 MAX_BATCH_SIZE = 256
+# Sources moved per chunk: copied, verified and deleted before later chunks
+# are verified. Also the page size of the verification listing.
+CHUNK_SIZE = 512
+# List Blobs returns at most 5,000 blobs per page.
+MAX_PAGE_SIZE = 5000
 COPY_WORKERS = 8
 # Seconds to wait for a copy that the service reports as pending. Azure may
 # finish a copy in the background after Copy Blob returns, but Azurite 3.37
@@ -466,21 +476,46 @@ class ArchiveProgress(ProgressReporter):
         )
 
 
-def report_progress(
-    progress: ArchiveProgress | None,
-    phase: str,
-    done: int,
-    total: int,
-    force: bool = False,
-) -> None:
-    """Report `done` of `total` blobs: copies fill 0 to 50 %, deletes 50 to 100 %."""
-    if progress is None:
-        return
-    base = 0.0 if phase == "copy" else 50.0
-    fraction = done / total if total else 1.0
-    progress.report(
-        base + 50.0 * fraction, f"{phase}: {done} of {total} blobs", force=force
-    )
+class MoveProgress:
+    """Counts of one archive's copies and deletes, published to its progress artifact.
+
+    Copies and deletes weigh the same: the bar is at 100 % when every planned
+    copy is made and every listed source is deleted.
+    """
+
+    def __init__(
+        self, reporter: ArchiveProgress | None, copies: int, sources: int
+    ) -> None:
+        self.reporter = reporter
+        self.copies = copies
+        self.sources = sources
+        self.copied = 0
+        self.deleted = 0
+        self._lock = threading.Lock()
+
+    def copy_done(self) -> None:
+        with self._lock:
+            self.copied += 1
+        self.publish()
+
+    def deletes_done(self, count: int) -> None:
+        with self._lock:
+            self.deleted += count
+        self.publish()
+
+    @property
+    def percent(self) -> float:
+        total = self.copies + self.sources
+        return 100.0 * (self.copied + self.deleted) / total if total else 100.0
+
+    def publish(self) -> None:
+        if self.reporter is None:
+            return
+        self.reporter.report(
+            self.percent,
+            f"copied {self.copied} of {self.copies}, deleted {self.deleted} of "
+            f"{self.sources} blobs",
+        )
 
 
 # Copy
@@ -597,13 +632,14 @@ def copy_all(
     container: ContainerClient,
     jobs: list[CopyJob],
     summary: ArchiveSummary,
-    progress: ArchiveProgress | None,
+    progress: MoveProgress | None,
     workers: int,
 ) -> None:
     """Run the copies on `workers` threads, and stop and raise at the first failure.
 
-    A failed copy raises ArchiveCopyError before any source is deleted, so
-    a storage fault never leaves a run deleting while copies fail.
+    A failed copy raises ArchiveCopyError before the sources of its chunk
+    and of the chunk before it are deleted, so a storage fault never leaves
+    a run deleting while copies fail.
     """
     stop = threading.Event()
     failures: list[str] = []
@@ -620,19 +656,27 @@ def copy_all(
 
     with ThreadPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(run, job) for job in jobs]
-        for done, (job, future) in enumerate(zip(jobs, futures), start=1):
+        for job, future in zip(jobs, futures):
             copied = future.result()
             if copied:
                 summary.copied += 1
             elif copied is False:
                 summary.add_problem("changed_during_copy", job.source.name)
-            report_progress(progress, "copy", done, len(futures))
+            if progress is not None:
+                progress.copy_done()
     if failures:
+        if summary.deleted:
+            deleted = (
+                f"Only the {summary.deleted} sources whose copies were verified "
+                "were deleted"
+            )
+        else:
+            deleted = "No source was deleted"
         raise ArchiveCopyError(
             f"archive of {summary.org} stopped: {len(failures)} cop"
             f"{'y' if len(failures) == 1 else 'ies'} to {summary.archive_prefix} "
-            f"failed, first {failures[0]}. No source was deleted; fix the "
-            "storage problem and run the archive again, which resumes"
+            f"failed, first {failures[0]}. {deleted}; fix the storage problem "
+            "and run the archive again, which resumes"
         )
 
 
@@ -673,7 +717,7 @@ def delete_sources(
     container: ContainerClient,
     records: list[BlobRecord],
     summary: ArchiveSummary,
-    progress: ArchiveProgress | None,
+    progress: MoveProgress | None,
     batch_size: int,
 ) -> None:
     """Delete verified sources in Blob Batch requests, each at its listed etag.
@@ -702,7 +746,8 @@ def delete_sources(
                 summary.add_problem(
                     "delete_failed", f"{record.name} ({response.status_code})"
                 )
-        report_progress(progress, "delete", start + len(batch), len(records))
+        if progress is not None:
+            progress.deletes_done(len(batch))
 
 
 def check_manifest(
@@ -732,6 +777,151 @@ def check_manifest(
     return archived
 
 
+# Chunks
+
+
+def read_record(container: ContainerClient, name: str) -> BlobRecord | None:
+    """Return one blob's record from its properties and tags, or None when missing.
+
+    Two requests, so the archive uses it only for a copy that no listing
+    showed after the copy was made.
+    """
+    blob = container.get_blob_client(name)
+    try:
+        properties = blob.get_blob_properties()
+        tags = blob.get_blob_tags() if properties.tag_count else {}
+    except ResourceNotFoundError:
+        return None
+    return replace(BlobRecord.from_properties(properties), name=name, tags=tags)
+
+
+class ListingCursor:
+    """One listing of a prefix, read a page at a time as the move needs it.
+
+    Each page continues after the last name of the page before, and shows
+    the blobs as they are when the page is requested.
+    """
+
+    def __init__(self, container: ContainerClient, prefix: str, page_size: int):
+        self._pages = container.list_blobs(
+            name_starts_with=prefix,
+            include=["metadata", "tags", "copy"],
+            results_per_page=min(page_size, MAX_PAGE_SIZE),
+        ).by_page()
+        self.last_name: str | None = None
+        self.ended = False
+
+    def next_page(self) -> list[BlobRecord]:
+        """Return the next page's records; set `ended` after the last page."""
+        try:
+            page = next(self._pages)
+        except StopIteration:
+            self.ended = True
+            return []
+        records = [BlobRecord.from_properties(item) for item in page]
+        if records:
+            self.last_name = records[-1].name
+        if self._pages.continuation_token is None:
+            self.ended = True
+        return records
+
+
+@dataclass
+class ChunkedMove:
+    """The copies, verification and deletes of one archive, chunk by chunk.
+
+    Chunk i is verified after the copies of chunk i+1 are made: the running
+    listing then always has names beyond chunk i, so it does not end before
+    the last chunk. A listed destination whose copy belongs to a later chunk
+    was listed before that copy, so it is set aside and the copy is checked
+    on its own after it is made.
+    """
+
+    container: ContainerClient
+    summary: ArchiveSummary
+    sources: dict[str, BlobRecord]
+    destinations: dict[str, BlobRecord]
+    jobs: list[CopyJob]
+    computed_md5: dict[tuple[str, str], str]
+    progress: MoveProgress | None
+    workers: int
+    batch_size: int
+    chunk_size: int
+    chunks: list[list[str]] = field(init=False)
+    copied_through: int = field(init=False, default=-1)
+
+    def __post_init__(self) -> None:
+        names = sorted(self.sources)
+        size = max(1, self.chunk_size)
+        self.chunks = [names[i : i + size] for i in range(0, len(names), size)]
+        self.jobs_by_source = {job.source.name: job for job in self.jobs}
+        self.chunk_of_target = {
+            self.jobs_by_source[name].destination: index
+            for index, chunk in enumerate(self.chunks)
+            for name in chunk
+            if name in self.jobs_by_source
+        }
+        self.listed_after_copy: set[str] = set()
+        self.cursor = ListingCursor(
+            self.container, self.summary.archive_prefix, self.chunk_size
+        )
+
+    def target(self, source_name: str) -> str:
+        relative = source_name[len(self.summary.source_prefix) :]
+        return self.summary.archive_prefix + relative
+
+    def run(self) -> None:
+        """Copy, verify and delete every chunk; raise ArchiveCopyError on a failed copy."""
+        for index, chunk in enumerate(self.chunks):
+            jobs = [self.jobs_by_source[n] for n in chunk if n in self.jobs_by_source]
+            copy_all(self.container, jobs, self.summary, self.progress, self.workers)
+            self.copied_through = index
+            if index > 0:
+                self.settle(index - 1)
+        if self.chunks:
+            self.settle(len(self.chunks) - 1)
+
+    def settle(self, index: int) -> None:
+        """Verify chunk `index` from the running listing and delete its verified sources."""
+        chunk = self.chunks[index]
+        self.read_listing_through(self.target(chunk[-1]))
+        records = {}
+        for name in chunk:
+            target = self.target(name)
+            if name in self.jobs_by_source and target not in self.listed_after_copy:
+                record = read_record(self.container, target)
+                if record is None:
+                    self.destinations.pop(target, None)
+                    continue
+                self.destinations[target] = record
+            if target in self.destinations:
+                records[target] = self.destinations[target]
+        self.destinations.update(
+            fill_missing_md5(self.container, records, self.computed_md5, self.summary)
+        )
+        verified = select_verified(
+            {name: self.sources[name] for name in chunk},
+            self.destinations,
+            self.summary,
+        )
+        delete_sources(
+            self.container, verified, self.summary, self.progress, self.batch_size
+        )
+
+    def read_listing_through(self, last_target: str) -> None:
+        """Read listing pages until one reaches `last_target` or the listing ends."""
+        cursor = self.cursor
+        while not cursor.ended and (
+            cursor.last_name is None or cursor.last_name < last_target
+        ):
+            for record in cursor.next_page():
+                pending = self.chunk_of_target.get(record.name)
+                if pending is not None and pending > self.copied_through:
+                    continue
+                self.destinations[record.name] = record
+                self.listed_after_copy.add(record.name)
+
+
 # The archive run
 
 
@@ -743,11 +933,13 @@ def archive_org(
     known_org_ids: list[str],
     workers: int = COPY_WORKERS,
     batch_size: int = MAX_BATCH_SIZE,
+    chunk_size: int = CHUNK_SIZE,
 ) -> ArchiveSummary:
     """Move every blob under `<org>/` to `archived/<org>/` and return the summary.
 
     Raises InvalidOrgIdError before any change when `org_id` is not exactly
-    one org, ArchiveCopyError when a copy fails (nothing is deleted then), and
+    one org, ArchiveCopyError when a copy fails (only sources whose copies
+    were verified are deleted then), and
     ArchiveIncompleteError when blobs are left under `<org>/`. A re-run
     resumes in each case.
     """
@@ -775,30 +967,28 @@ def archive_org(
     log_manifest(logger, summary, manifest, is_open)
     summary.manifest = manifest
 
-    # Copy
+    # Copy, verify and delete, chunk by chunk
     destinations = list_records(container, summary.archive_prefix)
     destinations = fill_missing_md5(container, destinations, computed_md5, summary)
     jobs = plan_copies(sources, destinations, manifest, summary) if sources else []
-    copy_all(container, jobs, summary, progress, workers)
-    logger.info(
-        "archive %s: %d copied, %d already archived",
-        org, summary.copied, summary.already_archived,
+    move = ChunkedMove(
+        container=container,
+        summary=summary,
+        sources=sources,
+        destinations=destinations,
+        jobs=jobs,
+        computed_md5=computed_md5,
+        progress=MoveProgress(progress, len(jobs), len(sources)),
+        workers=workers,
+        batch_size=batch_size,
+        chunk_size=chunk_size,
     )
-
-    # Verify
-    if jobs:
-        destinations = list_records(container, summary.archive_prefix)
-        destinations = fill_missing_md5(container, destinations, computed_md5, summary)
-    verified = select_verified(sources, destinations, summary)
-
-    # Delete
-    # NOTE: every copy is made before the first delete, so the account holds
-    # N more blobs while the deletes run. Azurite 3.37's Delete Blob cost grows
-    # with the account's blob count (about 47 ms of CPU per batched delete at
-    # 10,000 blobs), which makes 10,000-blob archives slow there.
-    delete_sources(container, verified, summary, progress, batch_size)
+    move.run()
+    destinations = move.destinations
     logger.info(
-        "archive %s: %d of %d sources deleted", org, summary.deleted, len(verified)
+        "archive %s: %d copied, %d already archived, %d of %d sources deleted",
+        org, summary.copied, summary.already_archived, summary.deleted,
+        len(sources),
     )
 
     # Check
@@ -883,7 +1073,6 @@ def finish(
             progress.finish(
                 f"incomplete: {summary.left_under_source} blobs left under "
                 f"{summary.source_prefix}",
-                percent=50.0 + 50.0 * summary.deleted / max(summary.listed, 1),
                 failed=True,
             )
         problems = ", ".join(

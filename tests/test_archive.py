@@ -27,11 +27,13 @@ from tasks.archive import (
     ArchiveCopyError,
     ArchiveIncompleteError,
     ArchiveSummary,
+    ChunkedMove,
     archive_blobs,
     archive_org,
     check_org,
     delete_sources,
     list_records,
+    plan_copies,
     write_manifest,
 )
 from ue_pilot.orgids import InvalidOrgIdError
@@ -48,6 +50,8 @@ _container_numbers = itertools.count()
 # Runs archive_org in a child process that the test kills with SIGKILL. The
 # child slows the phase the kill should land in, copies or delete batches, so
 # the kill falls between requests of that phase rather than after the run.
+# Phase "chunks" moves 50 blobs per chunk, so the kill lands after some
+# sources are deleted while later chunks are still being copied.
 KILLED_CHILD = """
 import os, sys, time
 from azure.storage.blob import BlobClient, ContainerClient
@@ -55,7 +59,7 @@ from tasks.archive import archive_org
 from ue_pilot.storage import build_blob_service
 
 container_name, org, phase = sys.argv[1:4]
-if phase == "copy":
+if phase in ("copy", "chunks"):
     copy = BlobClient.start_copy_from_url
     def slow_copy(self, *args, **kwargs):
         time.sleep(0.05)
@@ -72,6 +76,7 @@ service = build_blob_service(os.environ["ARCHIVE_TEST_CONNECTION_STRING"])
 archive_org(
     service.get_container_client(container_name), org,
     pattern=r"^org_[A-Za-z0-9]{1,60}$", known_org_ids=[], batch_size=20,
+    chunk_size=50 if phase == "chunks" else 512,
 )
 print("finished", flush=True)
 """
@@ -224,7 +229,7 @@ def test_archive_rerun_changes_nothing(container):
     assert {r.name: r.etag for r in list_records(container, "").values()} == etags
 
 
-@pytest.mark.parametrize("phase", ["copy", "delete"])
+@pytest.mark.parametrize("phase", ["copy", "delete", "chunks"])
 def test_archive_resumes_after_kill(container, azurite, phase):
     """A run killed by SIGKILL mid-phase is finished by the next run, blob for blob."""
     seed(container, ORG, 300)
@@ -239,6 +244,8 @@ def test_archive_resumes_after_kill(container, azurite, phase):
         if phase == "copy":
             started = wait_until(
                 lambda: count_blobs(container, f"archived/{ORG}/") >= 30, 60)
+        elif phase == "chunks":
+            started = wait_until(lambda: count_blobs(container, f"{ORG}/") < 250, 60)
         else:
             started = wait_until(lambda: count_blobs(container, f"{ORG}/") < 300, 60)
         child.send_signal(signal.SIGKILL)
@@ -252,6 +259,9 @@ def test_archive_resumes_after_kill(container, azurite, phase):
     if phase == "copy":
         assert sources == 300
         assert 0 < copies < 300
+    elif phase == "chunks":
+        assert 0 < sources < 250
+        assert copies < 300
     else:
         assert 0 < sources < 300
 
@@ -356,6 +366,65 @@ def test_archive_recopies_stale_copy(container):
     assert summary["copied"] == 5
     assert container.download_blob(stale).readall() == blob_content(names[2])
     assert summary["matches_manifest"] is True
+
+
+def test_archive_in_chunks_resumes_earlier_run(container):
+    """Chunks of 5 finish a run that an earlier one left half done.
+
+    The earlier run's state: a manifest, 8 sources already moved, 3 stale
+    copies in a later chunk. The running listing then starts with the moved
+    blobs, so its pages do not line up with the chunks.
+    """
+    names = seed(container, ORG, 40)
+    before = snapshot(container, f"{ORG}/")
+    write_manifest(container, ORG, list_records(container, f"{ORG}/"), f"{ORG}/")
+    for name in names[:8]:
+        target = container.get_blob_client(f"archived/{name}")
+        tags = container.get_blob_client(name).get_blob_tags()
+        target.start_copy_from_url(container.get_blob_client(name).url, tags=tags)
+        container.delete_blob(name)
+    for name in names[30:33]:
+        container.get_blob_client(f"archived/{name}").upload_blob(b"cut short")
+
+    summary = run_archive(container, chunk_size=5, batch_size=3)
+
+    assert summary["complete"] is True
+    assert summary["matches_manifest"] is True
+    assert summary["copied"] == 32
+    assert summary["deleted"] == 32
+    assert snapshot(container, f"archived/{ORG}/") == before
+    assert count_blobs(container, f"{ORG}/") == 0
+
+
+def test_chunk_listing_sets_aside_copies_not_made_yet(container):
+    """A page that reaches a later chunk's stale copy does not count it as verified."""
+    names = seed(container, ORG, 12)
+    manifest = write_manifest(
+        container, ORG, list_records(container, f"{ORG}/"), f"{ORG}/"
+    )
+    stale = f"archived/{names[10]}"
+    container.get_blob_client(stale).upload_blob(b"cut short")
+    sources = list_records(container, f"{ORG}/")
+    destinations = list_records(container, f"archived/{ORG}/")
+    summary = ArchiveSummary(ORG, container.container_name, f"{ORG}/",
+                             f"archived/{ORG}/")
+    jobs = plan_copies(sources, destinations, manifest, summary)
+    move = ChunkedMove(
+        container=container, summary=summary, sources=sources,
+        destinations=destinations, jobs=jobs, computed_md5={}, progress=None,
+        workers=2, batch_size=256, chunk_size=4,
+    )
+
+    move.copied_through = 0
+    move.read_listing_through(f"archived/{names[-1]}")
+
+    assert move.cursor.ended is True
+    assert stale not in move.listed_after_copy
+    assert len(move.chunks) == 3
+    move.copied_through = 2
+    move.run()
+    assert summary.deleted == 12
+    assert container.download_blob(stale).readall() == blob_content(names[10])
 
 
 def test_delete_keeps_source_changed_after_listing(container):
