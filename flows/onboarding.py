@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 from prefect import flow, get_run_logger, runtime, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.exceptions import TerminationSignal
 from prefect.states import Failed, State
 from prefect.transactions import get_transaction, transaction
 from pydantic import SecretStr
@@ -234,11 +235,16 @@ def onboarding(name: str, slug: str, created_by: str = "", seed_dir: str = "") -
                 set_org_active(run)
             except BaseException as error:
                 # A timeout or an interrupt is recorded for the transaction's
-                # rollback hook too, then ends the run without the evidence below.
+                # rollback hook too.
                 txn.set("failure", failure_record(run, error))
                 raise
     except Exception as error:
         return finish_failed(run, error)
+    except (KeyboardInterrupt, TerminationSignal) as error:
+        # The transaction's hook has disabled the org; the run still ends
+        # interrupted, after its evidence.
+        finish_failed(run, error)
+        raise
     return finish(run, None)
 
 
@@ -430,7 +436,7 @@ def failure_record(run: Run, error: Exception) -> dict:
             "step_title": run.current.title, "error": message}
 
 
-def finish_failed(run: Run, error: Exception) -> State:
+def finish_failed(run: Run, error: BaseException) -> State:
     """Prove the compensation, publish the evidence, and fail the run."""
     logger = get_run_logger()
     failure = failure_record(run, error)

@@ -21,10 +21,11 @@ continues with the first unfinished step. A run for an org that is disabled,
 marked rolled back in the status document and has nothing but evidence
 records left under `<org>/` reports "already rolled back" and changes nothing.
 
-Every approved run, completed or failed at a step, ends with an evidence record
-of the org (family "rollback"): the approval and each step's outcome as checks,
-the plan, and the archive manifest's sha256. Runs that change nothing (dry run,
-rejected or missing approval, already rolled back) write none.
+Every approved run, completed, failed at a step or interrupted (Ctrl-C,
+SIGTERM), ends with an evidence record of the org (family "rollback"): the
+approval and each step's outcome as checks, the plan, and the archive
+manifest's sha256. Runs that change nothing (dry run, rejected or missing
+approval, already rolled back) write none.
 
 Run once: `ue-pilot rollback --org ORG --reason TEXT --approve-as NAME`.
 """
@@ -43,7 +44,7 @@ from prefect.artifacts import (
     create_table_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from prefect.exceptions import FlowPauseTimeout
+from prefect.exceptions import FlowPauseTimeout, TerminationSignal
 from prefect.flow_runs import pause_flow_run
 from prefect.input import RunInput
 from pydantic import Field
@@ -94,6 +95,9 @@ STEP_TITLES = {
     "status": "Update the pilot status document",
 }
 PLAN_ARTIFACT = "rollback-plan"
+# Ends of a run that are not errors but still leave evidence: Ctrl-C and the
+# SIGTERM that Prefect turns into TerminationSignal.
+INTERRUPTIONS = (KeyboardInterrupt, TerminationSignal)
 # Seconds between two reads of the paused run's state while waiting for approval.
 APPROVAL_POLL_SECONDS = 2
 MAX_TEXT_LENGTH = {"reason": 1000, "requested_by": 200}
@@ -311,6 +315,7 @@ def render_plan(plan: dict, reason: str, requested_by: str) -> str:
         f"| Pilot status document | `{plan['status_blob']}`: "
         f"{(plan['pilot_status'] or {}).get('status', 'no entry')} |",
         "",
+        *render_disabled_warning(plan),
         *render_progress(plan["rollback"]),
         "## Steps, in the runbook's order",
         "",
@@ -324,6 +329,25 @@ def render_plan(plan: dict, reason: str, requested_by: str) -> str:
         "run fails and nothing is changed.",
     ]
     return "\n".join(lines)
+
+
+def render_disabled_warning(plan: dict) -> list[str]:
+    """Warn when the org is already disabled, which can make the export fail.
+
+    A failed onboarding disables its org in Clerk. UE rejects a disabled
+    org's sessions when it honours the flag, as the sandbox does, and then
+    step 2 fails and the rollback stops before it changes Clerk or storage.
+    """
+    if plan["clerk_status"] != STATUS_DISABLED or plan["rollback"] is not None:
+        return []
+    return [
+        "**The org is already disabled in Clerk** (a failed onboarding does "
+        "this). If UE rejects its sessions, step 2 (export) fails and the "
+        "rollback stops with nothing else changed. To export, set the org's "
+        "status flag back to active in Clerk for the rollback's run; step 3 "
+        "disables it again.",
+        "",
+    ]
 
 
 def render_progress(record: dict | None) -> list[str]:
@@ -621,7 +645,7 @@ class StepRunner:
             return done
         try:
             result = action(*args)
-        except Exception as error:
+        except (Exception, *INTERRUPTIONS) as error:
             message = redact_text(str(error), self.settings.secret_values())
             self.outcomes[step] = {"outcome": "failed", "error": message,
                                    "error_type": type(error).__name__}
@@ -756,9 +780,10 @@ def rollback(
             "reason": record["reason"],
         })
         close_rollback_record(settings, org, rollback_id)
-    except Exception as error:
-        # The failure is evidence too. record_rollback returns its own errors,
-        # so the step's error is what fails the run.
+    except (Exception, *INTERRUPTIONS) as error:
+        # The failure is evidence too, and so is an interrupt (Ctrl-C, SIGTERM)
+        # or a timeout. record_rollback returns its own errors, so the step's
+        # error is what ends the run.
         record_rollback(settings, steps, plan, approval, error)
         raise
 
@@ -843,7 +868,7 @@ def record_rollback(
     steps: StepRunner,
     plan: dict,
     approval: dict,
-    error: Exception | None = None,
+    error: BaseException | None = None,
 ) -> dict:
     """Write the org's evidence record of this approved rollback, failed or not.
 
@@ -914,7 +939,7 @@ def rollback_target(
     steps: StepRunner,
     plan: dict,
     approval: dict,
-    error: Exception | None,
+    error: BaseException | None,
 ) -> dict:
     """Describe what the rollback acted on: the request, the plan and the outcome."""
     failure = None

@@ -9,20 +9,21 @@ copied, the copy is verified, and only then is the source deleted. One run:
 2. List `<org>/` with metadata and tags, one request per 5,000 blobs.
 3. Write the archive manifest (name, size, MD5, metadata and tags of every
    blob) before the first copy, or reuse the open one of a killed run.
-4. Move the sources in chunks of 512 in name order. First copy each source
+4. Move the sources in chunks of 256 in name order. First copy each source
    of the chunk whose archived copy is missing or stale. Each copy is
    conditioned on the listed source etag and on no existing destination.
    Then verify the copies from the next pages of one running listing of
    `archived/<org>/`: copy status, size, MD5, metadata and tags equal to the
    source's listing. Last, delete the verified sources in Blob Batch
    requests of up to 256 deletes, each conditioned on the source's listed
-   etag. A chunk is verified only after the next chunk's copies exist, so
-   the running listing has names beyond it and does not end early.
+   etag, on a second thread while the next chunk is copied. A chunk is
+   verified only after the next chunk's copies exist, so the running listing
+   has names beyond it and does not end early.
 5. List `<org>/` again, check every manifest entry against the verification
    listings (deletes change no archived blob), and close the manifest.
 
 Chunks keep the storage account's blob count near its starting count: at
-most two chunks of copies exist beside their sources at any time.
+most three chunks of copies exist beside their sources at any time.
 A run killed at any point resumes from what the storage shows: a verified
 copy is not copied again, a missing or stale one is copied again, and a
 source already deleted is checked against the manifest. Per blob, a run sends
@@ -38,7 +39,7 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -64,7 +65,7 @@ RESERVED_NAMES = frozenset({ARCHIVE_ROOT, "_manifests", "quarantine"})
 MAX_BATCH_SIZE = 256
 # Sources moved per chunk: copied, verified and deleted before later chunks
 # are verified. Also the page size of the verification listing.
-CHUNK_SIZE = 512
+CHUNK_SIZE = 256
 # List Blobs returns at most 5,000 blobs per page.
 MAX_PAGE_SIZE = 5000
 COPY_WORKERS = 8
@@ -665,19 +666,26 @@ def copy_all(
             if progress is not None:
                 progress.copy_done()
     if failures:
-        if summary.deleted:
-            deleted = (
-                f"Only the {summary.deleted} sources whose copies were verified "
-                "were deleted"
-            )
-        else:
-            deleted = "No source was deleted"
-        raise ArchiveCopyError(
-            f"archive of {summary.org} stopped: {len(failures)} cop"
-            f"{'y' if len(failures) == 1 else 'ies'} to {summary.archive_prefix} "
-            f"failed, first {failures[0]}. {deleted}; fix the storage problem "
-            "and run the archive again, which resumes"
+        raise copy_failure(summary, failures)
+
+
+def copy_failure(summary: ArchiveSummary, failures: list[str]) -> ArchiveCopyError:
+    """Return the error of failed copies, saying which sources were deleted."""
+    if summary.deleted:
+        deleted = (
+            f"Only the {summary.deleted} sources whose copies were verified "
+            "were deleted"
         )
+    else:
+        deleted = "No source was deleted"
+    error = ArchiveCopyError(
+        f"archive of {summary.org} stopped: {len(failures)} cop"
+        f"{'y' if len(failures) == 1 else 'ies'} to {summary.archive_prefix} "
+        f"failed, first {failures[0]}. {deleted}; fix the storage problem "
+        "and run the archive again, which resumes"
+    )
+    error.failures = failures
+    return error
 
 
 def describe_error(error: Exception) -> str:
@@ -849,6 +857,7 @@ class ChunkedMove:
     chunk_size: int
     chunks: list[list[str]] = field(init=False)
     copied_through: int = field(init=False, default=-1)
+    pending_delete: Future | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         names = sorted(self.sources)
@@ -871,15 +880,40 @@ class ChunkedMove:
         return self.summary.archive_prefix + relative
 
     def run(self) -> None:
-        """Copy, verify and delete every chunk; raise ArchiveCopyError on a failed copy."""
-        for index, chunk in enumerate(self.chunks):
-            jobs = [self.jobs_by_source[n] for n in chunk if n in self.jobs_by_source]
-            copy_all(self.container, jobs, self.summary, self.progress, self.workers)
-            self.copied_through = index
-            if index > 0:
-                self.settle(index - 1)
-        if self.chunks:
-            self.settle(len(self.chunks) - 1)
+        """Copy, verify and delete every chunk; raise ArchiveCopyError on a failed copy.
+
+        The deletes of a chunk run on a thread of their own while the next
+        chunk is copied, so the storage service always has work. At most one
+        chunk's deletes run at a time.
+        """
+        with ThreadPoolExecutor(max_workers=1) as deleter:
+            self.deleter = deleter
+            try:
+                for index, chunk in enumerate(self.chunks):
+                    jobs = [
+                        self.jobs_by_source[name]
+                        for name in chunk
+                        if name in self.jobs_by_source
+                    ]
+                    copy_all(
+                        self.container, jobs, self.summary, self.progress, self.workers
+                    )
+                    self.copied_through = index
+                    if index > 0:
+                        self.settle(index - 1)
+                if self.chunks:
+                    self.settle(len(self.chunks) - 1)
+                self.wait_for_deletes()
+            except ArchiveCopyError as error:
+                # Let the running deletes finish, so the error counts them.
+                self.wait_for_deletes()
+                raise copy_failure(self.summary, error.failures) from None
+
+    def wait_for_deletes(self) -> None:
+        """Wait for the running deletes, raising their error if they failed."""
+        if self.pending_delete is not None:
+            pending, self.pending_delete = self.pending_delete, None
+            pending.result()
 
     def settle(self, index: int) -> None:
         """Verify chunk `index` from the running listing and delete its verified sources."""
@@ -904,8 +938,14 @@ class ChunkedMove:
             self.destinations,
             self.summary,
         )
-        delete_sources(
-            self.container, verified, self.summary, self.progress, self.batch_size
+        self.wait_for_deletes()
+        self.pending_delete = self.deleter.submit(
+            delete_sources,
+            self.container,
+            verified,
+            self.summary,
+            self.progress,
+            self.batch_size,
         )
 
     def read_listing_through(self, last_target: str) -> None:

@@ -313,27 +313,47 @@ def storage_configured(settings: Settings) -> bool:
     )
 
 
+# Subflows deeper than this are not followed up; none of the flows nests so deep.
+MAX_FLOW_DEPTH = 10
+
+
+def outermost_flow_run(client, flow_run):
+    """Return the flow run that started `flow_run` as a subflow, up to the top.
+
+    A flow run without a parent task run is its own outermost run.
+    """
+    current = flow_run
+    for _ in range(MAX_FLOW_DEPTH):
+        if not current.parent_task_run_id:
+            break
+        parent_task = client.read_task_run(current.parent_task_run_id)
+        if not parent_task.flow_run_id:
+            break
+        current = client.read_flow_run(parent_task.flow_run_id)
+    return current
+
+
 def describe_run(trigger: str | None) -> tuple[dict, dict, datetime]:
     """Return the flow run's identity, what triggered it, and its folder time.
 
     The folder time is the scheduled start, as for export folders, so a retry
-    of the run writes to the same record name.
+    of the run writes to the same record name. A subflow, such as the export
+    of a rollback, takes its trigger from the outermost flow run above it.
     """
     flow_run_id = runtime.flow_run.id
     if not flow_run_id:
         raise EvidenceError("write_evidence_record must run inside a flow run")
     with get_client(sync_client=True) as client:
         flow_run = client.read_flow_run(UUID(flow_run_id))
+        root = outermost_flow_run(client, flow_run)
         deployment = (
-            client.read_deployment(flow_run.deployment_id)
-            if flow_run.deployment_id
-            else None
+            client.read_deployment(root.deployment_id) if root.deployment_id else None
         )
     now = datetime.now(UTC)
-    created_by = flow_run.created_by
+    created_by = root.created_by
     kind = trigger or classify_trigger(
-        str(flow_run.deployment_id) if flow_run.deployment_id else None,
-        flow_run.auto_scheduled,
+        str(root.deployment_id) if root.deployment_id else None,
+        root.auto_scheduled,
         created_by.type if created_by else None,
     )
     run = {
@@ -356,6 +376,8 @@ def describe_run(trigger: str | None) -> tuple[dict, dict, datetime]:
         "scheduled_start": (flow_run.expected_start_time or now).isoformat(),
         "tags": sorted(flow_run.tags),
     }
+    if root.id != flow_run.id:
+        trigger_info["parent_flow_run"] = {"id": str(root.id), "name": root.name}
     folder_time = runtime.flow_run.scheduled_start_time or now
     return run, trigger_info, folder_time
 

@@ -76,7 +76,7 @@ service = build_blob_service(os.environ["ARCHIVE_TEST_CONNECTION_STRING"])
 archive_org(
     service.get_container_client(container_name), org,
     pattern=r"^org_[A-Za-z0-9]{1,60}$", known_org_ids=[], batch_size=20,
-    chunk_size=50 if phase == "chunks" else 512,
+    chunk_size=50 if phase == "chunks" else 1000,
 )
 print("finished", flush=True)
 """
@@ -140,6 +140,13 @@ def seed(container: ContainerClient, org: str, count: int) -> list[str]:
         list(pool.map(lambda item: upload(container, item[1], item[0] % 3 != 0),
                       enumerate(names)))
     return names
+
+
+def seed_with_manifest(container: ContainerClient, count: int):
+    """Seed `count` blobs under ORG and write the open manifest a run would write."""
+    names = seed(container, ORG, count)
+    records = list_records(container, f"{ORG}/")
+    return names, write_manifest(container, ORG, records, f"{ORG}/")
 
 
 def snapshot(container: ContainerClient, prefix: str) -> dict[str, tuple]:
@@ -353,10 +360,7 @@ def test_archive_never_overwrites_earlier_archive(container):
 
 def test_archive_recopies_stale_copy(container):
     """A copy that a killed run left different from its source is copied again."""
-    names = seed(container, ORG, 5)
-    manifest = write_manifest(
-        container, ORG, list_records(container, f"{ORG}/"), f"{ORG}/"
-    )
+    names, manifest = seed_with_manifest(container, 5)
     stale = f"archived/{names[2]}"
     container.get_blob_client(stale).upload_blob(b"a copy cut short")
 
@@ -398,10 +402,7 @@ def test_archive_in_chunks_resumes_earlier_run(container):
 
 def test_chunk_listing_sets_aside_copies_not_made_yet(container):
     """A page that reaches a later chunk's stale copy does not count it as verified."""
-    names = seed(container, ORG, 12)
-    manifest = write_manifest(
-        container, ORG, list_records(container, f"{ORG}/"), f"{ORG}/"
-    )
+    names, manifest = seed_with_manifest(container, 12)
     stale = f"archived/{names[10]}"
     container.get_blob_client(stale).upload_blob(b"cut short")
     sources = list_records(container, f"{ORG}/")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import httpx
@@ -15,11 +16,12 @@ import redis
 from azure.storage.blob import BlobServiceClient
 from click.testing import CliRunner
 from prefect import flow
+from prefect.exceptions import TerminationSignal
 from psycopg.conninfo import make_conninfo
 
 from flows.onboarding import OnboardingRequestError, onboarding, validate_request
 from flows.rollback import disable_org
-from tasks.identity import open_clerk
+from tasks.identity import get_organization, open_clerk
 from tasks.telemetry_ingest import (
     ConnectionStringError,
     parse_connection_string,
@@ -553,3 +555,32 @@ def test_ingestion_standin_rejects_wrong_key(sandbox):
     assert response.json()["itemsAccepted"] == 1
     assert response.json()["errors"][0]["index"] == 1
 
+
+
+def test_interrupted_onboarding_writes_evidence_record(prefect_server, env,
+                                                       monkeypatch):
+    """A SIGTERM during step 4 disables the org and still leaves its evidence record."""
+    import flows.onboarding as onboarding_module
+
+    def terminated(run):
+        raise TerminationSignal(signal.SIGTERM)
+
+    monkeypatch.setattr(onboarding_module, "verify_isolation", terminated)
+    with pytest.raises(TerminationSignal):
+        run_flow(env, "union-local-650")
+
+    organization = get_organization(open_clerk(Settings()), "union-local-650")
+    metadata = dict(organization.public_metadata or {})
+    service = BlobServiceClient.from_connection_string(
+        env["UE_SANDBOX_BLOB_CONNECTION_STRING"]
+    )
+    evidence = service.get_container_client("evidence")
+    names = [name for name in evidence.list_blob_names(
+        name_starts_with=f"{organization.id}/onboarding/")
+        if name.endswith("/record.json")]
+    assert metadata["ue_pilot_status"] == "disabled"
+    assert metadata["ue_pilot_status_details"]["step"] == 4
+    assert len(names) == 1, names
+    record = json.loads(evidence.download_blob(names[0]).readall())
+    assert record["target"]["outcome"] == "failed"
+    assert record["target"]["failure"]["error"].startswith("TerminationSignal")

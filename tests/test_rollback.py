@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,6 +16,7 @@ import pytest
 from azure.storage.blob import BlobServiceClient, ContainerClient
 from click.testing import CliRunner
 from prefect.client.orchestration import get_client
+from prefect.exceptions import TerminationSignal
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
@@ -32,6 +34,7 @@ from flows.rollback import (
     UnknownOrgError,
     VerificationInconclusiveError,
     is_evidence_blob,
+    render_plan,
     rollback,
 )
 from tasks.archive import ArchiveCopyError
@@ -718,3 +721,49 @@ def test_failed_rollback_writes_evidence_record(
     assert statuses["rollback.status_document"] == "inconclusive"
     assert record["target"]["outcome"] == "failed"
     assert record["target"]["failure"].startswith("SessionsRemainError: ")
+
+
+@pytest.mark.parametrize("clerk_status", ["active", "disabled"])
+def test_plan_warns_when_org_already_disabled(clerk_status):
+    """A plan for an org that a failed onboarding disabled says the export may fail."""
+    blobs = {"prefix": "org_x/", "count": 2, "bytes": 10, "evidence_records": 0}
+    plan = {
+        "org": "org_x", "org_name": "X", "clerk_status": clerk_status,
+        "members": [], "active_sessions": [], "blobs": blobs,
+        "archived": {**blobs, "prefix": "archived/org_x/", "count": 0},
+        "exports": ["rewards"], "pilot_status": None, "rollback": None,
+        "already_rolled_back": False, "container": "evidence",
+        "status_blob": "pilot-status.json", "approval_timeout_seconds": 3600,
+    }
+    markdown = render_plan(plan, "pilot ended", "Ana")
+    warned = "**The org is already disabled in Clerk**" in markdown
+    assert warned is (clerk_status == "disabled")
+
+
+def test_interrupted_rollback_writes_evidence_record(
+    surviving_sessions_sandbox, ue_env, monkeypatch
+):
+    """A SIGTERM during the export ends the run with a record of what was done."""
+    import flows.rollback as rollback_module
+
+    def terminated(settings, org):
+        raise TerminationSignal(signal.SIGTERM)
+
+    org = "org_sandbox0002"
+    env = sandbox_env(surviving_sessions_sandbox)
+    ue_env(env)
+    monkeypatch.setattr(rollback_module, "export_org", terminated)
+    with pytest.raises(TerminationSignal):
+        run_rollback(org, approval_input(org))
+
+    names = [name for name in blob_names(env, f"{org}/rollback/")
+             if name.endswith("/record.json")]
+    assert len(names) == 1, names
+    record = json.loads(container(env).download_blob(names[0]).readall())
+    statuses = check_statuses(record)
+    assert record["target"]["outcome"] == "failed"
+    assert record["target"]["failure"].startswith("TerminationSignal")
+    assert statuses["rollback.notify"] == "pass"
+    assert statuses["rollback.export"] == "fail"
+    assert statuses["rollback.disable"] == "inconclusive"
+    assert clerk_org(env, org)["public_metadata"].get("ue_pilot_status") != "disabled"

@@ -10,6 +10,7 @@ and their paths are printed when the test fails.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -31,6 +32,7 @@ from test_rollback import (
     active_sessions,
     blob_names,
     clerk_org,
+    container,
     notifications,
     status_document,
 )
@@ -377,6 +379,17 @@ def test_browser_rollback_archives_blobs(rolled_back, sandbox):
     assert left == []
     assert any(name.endswith("/manifest.json") for name in archived)
     assert any(name.endswith("/rewards.csv") for name in archived)
+
+
+def test_browser_rollback_export_record_has_operator_trigger(rolled_back, sandbox):
+    """The export subflow's evidence record names the operator's run as its trigger."""
+    records = [name for name in blob_names(sandbox.env, f"archived/{ORG}/export/")
+               if name.endswith("/record.json")]
+    assert len(records) == 1, records
+    record = json.loads(container(sandbox.env).download_blob(records[0]).readall())
+    assert record["trigger"]["kind"] == "operator"
+    assert record["trigger"]["parent_flow_run"]["id"] == rolled_back.run_id
+    assert record["trigger"]["deployment"]["id"] == rolled_back.deployment["id"]
 
 
 def test_browser_rollback_notifies_once(rolled_back, sandbox):
