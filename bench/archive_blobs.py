@@ -16,7 +16,7 @@ side then moves the org's blobs to `archived/<org>/`:
   without Prefect. It lists with metadata and tags, then moves chunks of 256
   blobs. Each chunk gets one Copy Blob per blob on 8 threads and is verified
   from a running listing. Its sources go in Blob Batch deletes of 256 with
-  each source's etag as If-Match, while the next chunk is copied.
+  each source's etag as If-Match.
 
 Both sides use one BlobServiceClient each, whose transport counts every HTTP
 request it sends (a Blob Batch counts once). After each side the script
@@ -463,8 +463,7 @@ Both sides so begin with the same account. Then the side moves the org:
   the manifest, then moves chunks of 256 blobs: one Copy Blob per blob on 8
   threads, verification from the next pages of one running listing of
   `archived/<org>/`, and Blob Batch deletes of 256, each with the source's
-  etag as If-Match. A chunk's deletes run on a second thread while the next
-  chunk is copied, so at most three chunks of copies exist beside their
+  etag as If-Match. At most two chunks of copies so exist beside their
   sources.
 
 Requests are counted by the SDK client's transport, so a Blob Batch of 256

@@ -16,14 +16,13 @@ copied, the copy is verified, and only then is the source deleted. One run:
    `archived/<org>/`: copy status, size, MD5, metadata and tags equal to the
    source's listing. Last, delete the verified sources in Blob Batch
    requests of up to 256 deletes, each conditioned on the source's listed
-   etag, on a second thread while the next chunk is copied. A chunk is
-   verified only after the next chunk's copies exist, so the running listing
-   has names beyond it and does not end early.
+   etag. A chunk is verified only after the next chunk's copies exist, so
+   the running listing has names beyond it and does not end early.
 5. List `<org>/` again, check every manifest entry against the verification
    listings (deletes change no archived blob), and close the manifest.
 
 Chunks keep the storage account's blob count near its starting count: at
-most three chunks of copies exist beside their sources at any time.
+most two chunks of copies exist beside their sources at any time.
 A run killed at any point resumes from what the storage shows: a verified
 copy is not copied again, a missing or stale one is copied again, and a
 source already deleted is checked against the manifest. Per blob, a run sends
@@ -39,7 +38,7 @@ import json
 import logging
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
@@ -684,7 +683,6 @@ def copy_failure(summary: ArchiveSummary, failures: list[str]) -> ArchiveCopyErr
         f"failed, first {failures[0]}. {deleted}; fix the storage problem "
         "and run the archive again, which resumes"
     )
-    error.failures = failures
     return error
 
 
@@ -857,7 +855,6 @@ class ChunkedMove:
     chunk_size: int
     chunks: list[list[str]] = field(init=False)
     copied_through: int = field(init=False, default=-1)
-    pending_delete: Future | None = field(init=False, default=None)
 
     def __post_init__(self) -> None:
         names = sorted(self.sources)
@@ -882,38 +879,18 @@ class ChunkedMove:
     def run(self) -> None:
         """Copy, verify and delete every chunk; raise ArchiveCopyError on a failed copy.
 
-        The deletes of a chunk run on a thread of their own while the next
-        chunk is copied, so the storage service always has work. At most one
-        chunk's deletes run at a time.
+        Deletes do not overlap copies. In Azurite 3.37 that overlap made the
+        archive slower: 4,000 blobs took 35 to 38 s with deletes on a second
+        thread against 32 to 34 s without.
         """
-        with ThreadPoolExecutor(max_workers=1) as deleter:
-            self.deleter = deleter
-            try:
-                for index, chunk in enumerate(self.chunks):
-                    jobs = [
-                        self.jobs_by_source[name]
-                        for name in chunk
-                        if name in self.jobs_by_source
-                    ]
-                    copy_all(
-                        self.container, jobs, self.summary, self.progress, self.workers
-                    )
-                    self.copied_through = index
-                    if index > 0:
-                        self.settle(index - 1)
-                if self.chunks:
-                    self.settle(len(self.chunks) - 1)
-                self.wait_for_deletes()
-            except ArchiveCopyError as error:
-                # Let the running deletes finish, so the error counts them.
-                self.wait_for_deletes()
-                raise copy_failure(self.summary, error.failures) from None
-
-    def wait_for_deletes(self) -> None:
-        """Wait for the running deletes, raising their error if they failed."""
-        if self.pending_delete is not None:
-            pending, self.pending_delete = self.pending_delete, None
-            pending.result()
+        for index, chunk in enumerate(self.chunks):
+            jobs = [self.jobs_by_source[n] for n in chunk if n in self.jobs_by_source]
+            copy_all(self.container, jobs, self.summary, self.progress, self.workers)
+            self.copied_through = index
+            if index > 0:
+                self.settle(index - 1)
+        if self.chunks:
+            self.settle(len(self.chunks) - 1)
 
     def settle(self, index: int) -> None:
         """Verify chunk `index` from the running listing and delete its verified sources."""
@@ -938,14 +915,8 @@ class ChunkedMove:
             self.destinations,
             self.summary,
         )
-        self.wait_for_deletes()
-        self.pending_delete = self.deleter.submit(
-            delete_sources,
-            self.container,
-            verified,
-            self.summary,
-            self.progress,
-            self.batch_size,
+        delete_sources(
+            self.container, verified, self.summary, self.progress, self.batch_size
         )
 
     def read_listing_through(self, last_target: str) -> None:
