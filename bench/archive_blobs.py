@@ -447,17 +447,18 @@ def describe_code() -> str:
 METHOD = """\
 `bench/archive_blobs.py` moves `<org>/` to `archived/<org>/` in Azurite
 3.37.0, the way the rollback flow's "Archive blobs" step does. For each size
-and side it starts a new Azurite and uploads that many 1 KiB blobs under the
+and side it starts a new Azurite. It uploads that many 1 KiB blobs under the
 org to move and 20 under a neighbour org whose id starts with the moved
-org's id, each blob with Content-MD5, two metadata entries and two tags.
-Both sides so begin with the same account. Then the side moves the org:
+org's id. Each blob has Content-MD5, two metadata entries and two tags. Both
+sides so begin with the same account. Then the side moves the org:
 
-- **naive**: one blob after another. Per blob: Get Blob Properties and Get
-  Blob Tags of the source, Copy Blob with those tags (Copy Blob does not copy
-  tags), Get Blob Properties of the copy until its copy status is success,
-  Get Blob Tags of the copy, a comparison of size, Content-MD5, metadata and
-  tags, then Delete Blob with the source's etag as If-Match. That is six
-  requests per blob, plus one listing of the names.
+- **naive**: one blob after another. Per blob it sends Get Blob Properties
+  and Get Blob Tags of the source, then Copy Blob with those tags, because
+  Copy Blob does not copy tags. It polls Get Blob Properties of the copy
+  until its copy status is success and gets the copy's tags. It compares
+  size, Content-MD5, metadata and tags, then sends Delete Blob with the
+  source's etag as If-Match. That is six requests per blob, plus one listing
+  of the names.
 - **archive**: `tasks.archive.archive_org`, which the `archive-blobs` task
   runs, without Prefect. It lists the source with metadata and tags, writes
   the manifest, then moves chunks of 256 blobs: one Copy Blob per blob on 8
