@@ -893,7 +893,7 @@ class ChunkedMove:
             self.settle(len(self.chunks) - 1)
 
     def settle(self, index: int) -> None:
-        """Verify chunk `index` from the running listing and delete its verified sources."""
+        """Verify chunk `index` from the listing, then delete the verified sources."""
         chunk = self.chunks[index]
         self.read_listing_through(self.target(chunk[-1]))
         records = {}

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import signal
 from pathlib import Path
 
 import httpx
@@ -16,7 +15,6 @@ import redis
 from azure.storage.blob import BlobServiceClient
 from click.testing import CliRunner
 from prefect import flow
-from prefect.exceptions import TerminationSignal
 from psycopg.conninfo import make_conninfo
 
 from flows.onboarding import OnboardingRequestError, onboarding, validate_request
@@ -559,14 +557,18 @@ def test_ingestion_standin_rejects_wrong_key(sandbox):
 
 def test_interrupted_onboarding_writes_evidence_record(prefect_server, env,
                                                        monkeypatch):
-    """A SIGTERM during step 4 disables the org and still leaves its evidence record."""
+    """A Ctrl-C during step 4 disables the org and still leaves its evidence record.
+
+    KeyboardInterrupt stands for both interrupts: a TerminationSignal raised
+    in process makes Prefect send SIGTERM to the test process itself.
+    """
     import flows.onboarding as onboarding_module
 
-    def terminated(run):
-        raise TerminationSignal(signal.SIGTERM)
+    def interrupted(settings, org_id):
+        raise KeyboardInterrupt
 
-    monkeypatch.setattr(onboarding_module, "verify_isolation", terminated)
-    with pytest.raises(TerminationSignal):
+    monkeypatch.setattr(onboarding_module, "obtain_probe_sessions", interrupted)
+    with pytest.raises(KeyboardInterrupt):
         run_flow(env, "union-local-650")
 
     organization = get_organization(open_clerk(Settings()), "union-local-650")
@@ -583,4 +585,4 @@ def test_interrupted_onboarding_writes_evidence_record(prefect_server, env,
     assert len(names) == 1, names
     record = json.loads(evidence.download_blob(names[0]).readall())
     assert record["target"]["outcome"] == "failed"
-    assert record["target"]["failure"]["error"].startswith("TerminationSignal")
+    assert record["target"]["failure"]["error"].startswith("KeyboardInterrupt")

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import signal
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,7 +15,6 @@ import pytest
 from azure.storage.blob import BlobServiceClient, ContainerClient
 from click.testing import CliRunner
 from prefect.client.orchestration import get_client
-from prefect.exceptions import TerminationSignal
 from prefect.client.schemas.filters import (
     ArtifactFilter,
     ArtifactFilterFlowRunId,
@@ -725,7 +723,7 @@ def test_failed_rollback_writes_evidence_record(
 
 @pytest.mark.parametrize("clerk_status", ["active", "disabled"])
 def test_plan_warns_when_org_already_disabled(clerk_status):
-    """A plan for an org that a failed onboarding disabled says the export may fail."""
+    """A plan for an org that is already disabled warns that the export may fail."""
     blobs = {"prefix": "org_x/", "count": 2, "bytes": 10, "evidence_records": 0}
     plan = {
         "org": "org_x", "org_name": "X", "clerk_status": clerk_status,
@@ -743,17 +741,21 @@ def test_plan_warns_when_org_already_disabled(clerk_status):
 def test_interrupted_rollback_writes_evidence_record(
     surviving_sessions_sandbox, ue_env, monkeypatch
 ):
-    """A SIGTERM during the export ends the run with a record of what was done."""
+    """A Ctrl-C during the export ends the run with a record of what was done.
+
+    KeyboardInterrupt stands for both interrupts: a TerminationSignal raised
+    in process makes Prefect send SIGTERM to the test process itself.
+    """
     import flows.rollback as rollback_module
 
     def terminated(settings, org):
-        raise TerminationSignal(signal.SIGTERM)
+        raise KeyboardInterrupt
 
     org = "org_sandbox0002"
     env = sandbox_env(surviving_sessions_sandbox)
     ue_env(env)
     monkeypatch.setattr(rollback_module, "export_org", terminated)
-    with pytest.raises(TerminationSignal):
+    with pytest.raises(KeyboardInterrupt):
         run_rollback(org, approval_input(org))
 
     names = [name for name in blob_names(env, f"{org}/rollback/")
@@ -762,7 +764,7 @@ def test_interrupted_rollback_writes_evidence_record(
     record = json.loads(container(env).download_blob(names[0]).readall())
     statuses = check_statuses(record)
     assert record["target"]["outcome"] == "failed"
-    assert record["target"]["failure"].startswith("TerminationSignal")
+    assert record["target"]["failure"].startswith("KeyboardInterrupt")
     assert statuses["rollback.notify"] == "pass"
     assert statuses["rollback.export"] == "fail"
     assert statuses["rollback.disable"] == "inconclusive"
