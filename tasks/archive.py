@@ -43,7 +43,12 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 
 from azure.core import MatchConditions
-from azure.core.exceptions import AzureError, HttpResponseError, ResourceNotFoundError
+from azure.core.exceptions import (
+    AzureError,
+    HttpResponseError,
+    ResourceModifiedError,
+    ResourceNotFoundError,
+)
 from azure.storage.blob import BlobProperties, ContainerClient, ContentSettings
 from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -333,7 +338,14 @@ def fill_missing_md5(
         if md5:
             filled[name] = replace(record, md5=md5, md5_computed=True)
             continue
-        filled[name] = compute_md5(container, record)
+        try:
+            filled[name] = compute_md5(container, record)
+        except (ResourceModifiedError, ResourceNotFoundError):
+            # Changed or deleted since the listing: this run leaves it alone,
+            # so it is neither copied nor deleted, and a re-run lists it anew.
+            del filled[name]
+            summary.add_problem("changed_while_hashed", name)
+            continue
         known[(name, record.etag)] = filled[name].md5
         summary.md5_downloads += 1
     return filled
@@ -380,10 +392,19 @@ def load_manifest(container: ContainerClient, name: str) -> Manifest:
     data = blob.download_blob(
         etag=properties.etag, match_condition=MatchConditions.IfNotModified
     ).readall()
+    sha256 = hashlib.sha256(data).hexdigest()
+    stored = (properties.metadata or {}).get("sha256")
+    if stored and stored != sha256:
+        raise ArchiveError(
+            f"archive manifest {name} was changed after it was written: its "
+            f"sha256 is {sha256}, its metadata says {stored}. Find out who "
+            "changed it and restore it from the storage account's versions or "
+            "backups before any archive of this org runs again"
+        )
     document = json.loads(data)
     return Manifest(
         blob=name,
-        sha256=hashlib.sha256(data).hexdigest(),
+        sha256=sha256,
         created=properties.creation_time,
         entries={entry["name"]: entry for entry in document["entries"]},
         state=(properties.metadata or {}).get(MANIFEST_STATE_KEY, "open"),
@@ -545,8 +566,8 @@ def plan_copies(
     """Return the copies still needed, counting verified ones and flagging conflicts.
 
     A destination that differs from its source is copied over when this
-    archive wrote it (it is not older than the manifest). An older one comes
-    from an earlier archive and is reported as a conflict, never overwritten.
+    archive wrote it (see written_by_this_archive). Any other comes from an
+    earlier archive and is reported as a conflict, never overwritten.
     """
     jobs = []
     for name, source in sources.items():
@@ -559,11 +580,34 @@ def plan_copies(
             jobs.append(CopyJob(source, target))
         elif is_verified_copy(source, destination):
             summary.already_archived += 1
-        elif destination.last_modified < manifest.created:
-            summary.add_problem("conflict", target)
-        else:
+        elif written_by_this_archive(destination, manifest, relative):
             jobs.append(CopyJob(source, target, destination.etag))
+        else:
+            summary.add_problem("conflict", target)
     return jobs
+
+
+def written_by_this_archive(
+    destination: BlobRecord, manifest: Manifest, relative: str
+) -> bool:
+    """Decide whether an archived blob that differs from its source is this archive's.
+
+    Last-Modified has whole seconds. A blob from a second after the
+    manifest's is this archive's copy. One from the manifest's own second is
+    this archive's only when its copy did not finish or it has the content
+    the manifest recorded for its source, so an earlier archive's copy is
+    never taken for a stale one.
+    """
+    if destination.last_modified > manifest.created:
+        return True
+    if destination.last_modified < manifest.created:
+        return False
+    if destination.copy_status in ("pending", "failed", "aborted"):
+        return True
+    return (
+        relative in manifest.entries
+        and destination.content() == manifest.entry_content(relative)
+    )
 
 
 def copy_blob(container: ContainerClient, job: CopyJob) -> bool:
@@ -871,6 +915,12 @@ class ChunkedMove:
         self.cursor = ListingCursor(
             self.container, self.summary.archive_prefix, self.chunk_size
         )
+        # Sources as a second running listing shows them just before their
+        # chunk's deletes, keyed by name.
+        self.source_cursor = ListingCursor(
+            self.container, self.summary.source_prefix, self.chunk_size
+        )
+        self.current_sources: dict[str, BlobRecord] = {}
 
     def target(self, source_name: str) -> str:
         relative = source_name[len(self.summary.source_prefix) :]
@@ -899,7 +949,9 @@ class ChunkedMove:
         records = {}
         for name in chunk:
             target = self.target(name)
-            if name in self.jobs_by_source and target not in self.listed_after_copy:
+            # Every copy is checked in a listing made after its copy, or on
+            # its own: a record from the first listing may be out of date.
+            if target not in self.listed_after_copy:
                 record = read_record(self.container, target)
                 if record is None:
                     self.destinations.pop(target, None)
@@ -916,8 +968,45 @@ class ChunkedMove:
             self.summary,
         )
         delete_sources(
-            self.container, verified, self.summary, self.progress, self.batch_size
+            self.container,
+            self.unchanged_sources(chunk, verified),
+            self.summary,
+            self.progress,
+            self.batch_size,
         )
+
+    def unchanged_sources(
+        self, chunk: list[str], verified: list[BlobRecord]
+    ) -> list[BlobRecord]:
+        """Return the verified sources that a fresh listing shows unchanged.
+
+        Setting tags does not change a blob's etag, so the etag condition of
+        the delete would not notice new tags. A source whose etag or tags
+        differ from the copied ones is kept, and a re-run copies it again. A
+        source that is gone needs no delete.
+        """
+        self.read_sources_through(chunk[-1])
+        unchanged = []
+        for source in verified:
+            current = self.current_sources.pop(source.name, None)
+            if current is None:
+                current = read_record(self.container, source.name)
+            if current is None:
+                continue
+            if current.etag != source.etag or current.tags != source.tags:
+                self.summary.add_problem("changed_after_copy", source.name)
+                continue
+            unchanged.append(source)
+        return unchanged
+
+    def read_sources_through(self, last_name: str) -> None:
+        """Read source listing pages until one reaches `last_name` or it ends."""
+        cursor = self.source_cursor
+        while not cursor.ended and (
+            cursor.last_name is None or cursor.last_name < last_name
+        ):
+            for record in cursor.next_page():
+                self.current_sources[record.name] = record
 
     def read_listing_through(self, last_target: str) -> None:
         """Read listing pages until one reaches `last_target` or the listing ends."""
@@ -950,9 +1039,9 @@ def archive_org(
 
     Raises InvalidOrgIdError before any change when `org_id` is not exactly
     one org, ArchiveCopyError when a copy fails (only sources whose copies
-    were verified are deleted then), and
-    ArchiveIncompleteError when blobs are left under `<org>/`. A re-run
-    resumes in each case.
+    were verified are deleted then), StorageUnavailableError when Blob
+    Storage fails, and ArchiveIncompleteError when blobs are left under
+    `<org>/`. A re-run resumes in each case.
     """
     started = time.monotonic()
     logger = run_logger()
@@ -964,6 +1053,32 @@ def archive_org(
         archive_prefix=f"{ARCHIVE_ROOT}/{org}/",
     )
     progress = ArchiveProgress.start(org)
+    try:
+        return move_org(container, summary, logger, progress, workers, batch_size,
+                        chunk_size, started)
+    except AzureError as error:
+        if progress is not None:
+            progress.finish("stopped: Blob Storage failed", failed=True)
+        raise StorageUnavailableError(
+            f"Blob Storage failed during the archive of {org} (container "
+            f"{container.container_name!r}): {describe_error(error)}. No source "
+            "whose copy was not verified was deleted; when the storage answers "
+            "again, run the archive again, which resumes"
+        ) from None
+
+
+def move_org(
+    container: ContainerClient,
+    summary: ArchiveSummary,
+    logger: logging.Logger | logging.LoggerAdapter,
+    progress: ArchiveProgress | None,
+    workers: int,
+    batch_size: int,
+    chunk_size: int,
+    started: float,
+) -> ArchiveSummary:
+    """List, copy, verify, delete and check: the archive after its org check."""
+    org = summary.org
     computed_md5: dict[tuple[str, str], str] = {}
 
     # List
@@ -995,15 +1110,17 @@ def archive_org(
         chunk_size=chunk_size,
     )
     move.run()
-    destinations = move.destinations
     logger.info(
         "archive %s: %d copied, %d already archived, %d of %d sources deleted",
         org, summary.copied, summary.already_archived, summary.deleted,
         len(sources),
     )
 
-    # Check
+    # Check, from listings made after the last delete
     left = set(container.list_blob_names(name_starts_with=summary.source_prefix))
+    forget_gone_sources(summary, left)
+    destinations = list_records(container, summary.archive_prefix)
+    destinations = fill_missing_md5(container, destinations, computed_md5, summary)
     summary.left_under_source = len(left)
     summary.archived_blobs = len(destinations)
     if manifest is not None:
@@ -1012,6 +1129,21 @@ def archive_org(
         )
     summary.seconds = time.monotonic() - started
     return finish(container, summary, logger, progress)
+
+
+def forget_gone_sources(summary: ArchiveSummary, left: set[str]) -> None:
+    """Drop "changed_after_copy" for sources that are gone after the run.
+
+    A conditional delete of a blob that another run deleted first fails with
+    412 in Azurite 3.37, as if the source had changed. Its copy was verified,
+    so nothing is left to do for it.
+    """
+    still_there = [name for name in summary.problems.get("changed_after_copy", [])
+                   if name in left]
+    if still_there:
+        summary.problems["changed_after_copy"] = still_there
+    else:
+        summary.problems.pop("changed_after_copy", None)
 
 
 def log_manifest(
@@ -1094,7 +1226,10 @@ def finish(
             f"blob(s) left under {summary.source_prefix} ({problems or 'no problem'}"
             "). Run the archive again to resume. A conflict is an archived blob "
             "from an earlier archive that differs from its source, and a missing "
-            "blob is neither archived nor under its source: both need a person",
+            "blob is neither archived nor under its source: both need a person. "
+            "A delete that fails again on the next run may be blocked by a lease "
+            "or snapshots on the source: break the lease or delete the snapshots "
+            "first",
             summary.to_dict(),
         )
     if summary.manifest is not None and summary.manifest.state == "open":

@@ -25,6 +25,7 @@ from prefect.artifacts import Artifact
 
 from tasks.archive import (
     ArchiveCopyError,
+    ArchiveError,
     ArchiveIncompleteError,
     ArchiveSummary,
     ChunkedMove,
@@ -361,6 +362,7 @@ def test_archive_never_overwrites_earlier_archive(container):
 def test_archive_recopies_stale_copy(container):
     """A copy that a killed run left different from its source is copied again."""
     names, manifest = seed_with_manifest(container, 5)
+    time.sleep(1.1)  # An upload in the manifest's second would be a conflict.
     stale = f"archived/{names[2]}"
     container.get_blob_client(stale).upload_blob(b"a copy cut short")
 
@@ -387,6 +389,7 @@ def test_archive_in_chunks_resumes_earlier_run(container):
         tags = container.get_blob_client(name).get_blob_tags()
         target.start_copy_from_url(container.get_blob_client(name).url, tags=tags)
         container.delete_blob(name)
+    time.sleep(1.1)  # An upload in the manifest's second would be a conflict.
     for name in names[30:33]:
         container.get_blob_client(f"archived/{name}").upload_blob(b"cut short")
 
@@ -403,6 +406,7 @@ def test_archive_in_chunks_resumes_earlier_run(container):
 def test_chunk_listing_sets_aside_copies_not_made_yet(container):
     """A page that reaches a later chunk's stale copy does not count it as verified."""
     names, manifest = seed_with_manifest(container, 12)
+    time.sleep(1.1)  # An upload in the manifest's second would be a conflict.
     stale = f"archived/{names[10]}"
     container.get_blob_client(stale).upload_blob(b"cut short")
     sources = list_records(container, f"{ORG}/")
@@ -491,3 +495,104 @@ def test_archive_blobs_reports_progress(azurite, ue_env, prefect_server):
     assert summary["deleted"] == 8
     assert artifact is not None
     assert artifact.data == 100.0
+
+
+# Cases found by a break-it pass
+
+
+def test_copy_deleted_mid_run_keeps_its_source(container, monkeypatch):
+    """A copy that vanishes after the first listing is not trusted: its source stays."""
+    import tasks.archive as archive_module
+
+    names = seed(container, ORG, 4)
+    write_manifest(container, ORG, list_records(container, f"{ORG}/"), f"{ORG}/")
+    for name in names:
+        tags = container.get_blob_client(name).get_blob_tags()
+        container.get_blob_client(f"archived/{name}").start_copy_from_url(
+            container.get_blob_client(name).url, tags=tags)
+    copy_all = archive_module.copy_all
+
+    def delete_a_copy_first(*args, **kwargs):
+        copy = container.get_blob_client(f"archived/{names[0]}")
+        if copy.exists():
+            copy.delete_blob()
+        return copy_all(*args, **kwargs)
+
+    monkeypatch.setattr(archive_module, "copy_all", delete_a_copy_first)
+    with pytest.raises(ArchiveIncompleteError) as caught:
+        run_archive(container, chunk_size=2)
+
+    assert caught.value.summary["problems"]["unverified"]["names"] == [names[0]]
+    assert container.get_blob_client(names[0]).exists()
+
+
+def test_copy_from_the_manifest_second_is_kept(container):
+    """An earlier archive's blob from the manifest's second is a conflict, kept."""
+    upload(container, f"{ORG}/report.csv")
+    run_archive(container)
+    container.get_blob_client(f"{ORG}/report.csv").upload_blob(b"version 2")
+
+    with pytest.raises(ArchiveIncompleteError) as caught:
+        run_archive(container)
+
+    archived = container.download_blob(f"archived/{ORG}/report.csv").readall()
+    assert archived == blob_content(f"{ORG}/report.csv")
+    assert "conflict" in caught.value.summary["problems"]
+
+
+def test_source_tagged_after_listing_is_kept(container, monkeypatch):
+    """New tags on a source do not change its etag; the fresh listing keeps it."""
+    import tasks.archive as archive_module
+
+    names = seed(container, ORG, 3)
+    copy_all = archive_module.copy_all
+
+    def tag_then_copy(*args, **kwargs):
+        container.get_blob_client(names[1]).set_blob_tags({"hold": "legal"})
+        return copy_all(*args, **kwargs)
+
+    monkeypatch.setattr(archive_module, "copy_all", tag_then_copy)
+    with pytest.raises(ArchiveIncompleteError) as caught:
+        run_archive(container)
+    monkeypatch.setattr(archive_module, "copy_all", copy_all)
+    summary = run_archive(container)
+
+    assert caught.value.summary["problems"]["changed_after_copy"]["names"] == [
+        names[1]]
+    assert summary["complete"] is True
+    assert container.get_blob_client(f"archived/{names[1]}").get_blob_tags() == {
+        "hold": "legal"}
+
+
+def test_edited_manifest_stops_the_archive(container):
+    """A manifest whose content no longer has its recorded sha256 is refused."""
+    seed(container, ORG, 2)
+    manifest = write_manifest(
+        container, ORG, list_records(container, f"{ORG}/"), f"{ORG}/")
+    blob = container.get_blob_client(manifest.blob)
+    metadata = blob.get_blob_properties().metadata
+    blob.upload_blob(b'{"entries": []}', overwrite=True, metadata=metadata)
+
+    with pytest.raises(ArchiveError, match="was changed after it was written"):
+        run_archive(container)
+    assert count_blobs(container, f"archived/{ORG}/") == 0
+
+
+def test_archive_source_deleted_by_another_run(container, monkeypatch):
+    """A verified source that another run deleted first does not fail the archive."""
+    import tasks.archive as archive_module
+
+    names = seed(container, ORG, 3)
+    delete_sources = archive_module.delete_sources
+
+    def another_run_deletes_first(container_client, records, *args):
+        container_client.delete_blob(records[0].name)
+        return delete_sources(container_client, records, *args)
+
+    monkeypatch.setattr(archive_module, "delete_sources", another_run_deletes_first)
+    summary = run_archive(container)
+
+    assert summary["complete"] is True
+    assert summary["problems"] == {}
+    assert count_blobs(container, f"{ORG}/") == 0
+    assert names[0][len(ORG) + 1:] in snapshot(container, f"archived/{ORG}/")
