@@ -14,15 +14,19 @@ copied, the copy is verified, and only then is the source deleted. One run:
    conditioned on the listed source etag and on no existing destination.
    Then verify the copies from the next pages of one running listing of
    `archived/<org>/`: copy status, size, MD5, metadata and tags equal to the
-   source's listing. Last, delete the verified sources in Blob Batch
-   requests of up to 256 deletes, each conditioned on the source's listed
-   etag. A chunk is verified only after the next chunk's copies exist, so
-   the running listing has names beyond it and does not end early.
-5. List `<org>/` again, check every manifest entry against the verification
-   listings (deletes change no archived blob), and close the manifest.
+   source's listing. A copy that no such page shows is read on its own.
+   Last, read the next pages of a running listing of `<org>/`, and delete
+   the verified sources that still have the copied etag and tags, in Blob
+   Batch requests of up to 256 deletes, each conditioned on that etag. Tags
+   need the listing because setting them leaves the etag as it was. A chunk
+   is verified only after the next chunk's copies exist, so the running
+   listing has names beyond it and does not end early.
+5. List `<org>/` and `archived/<org>/` again, check every manifest entry
+   against the new listing, and close the manifest.
 
 Chunks keep the storage account's blob count near its starting count: at
 most two chunks of copies exist beside their sources at any time.
+
 A run killed at any point resumes from what the storage shows: a verified
 copy is not copied again, a missing or stale one is copied again, and a
 source already deleted is checked against the manifest. Per blob, a run sends
