@@ -65,7 +65,7 @@ from tasks.identity import (
     sessions_left_for_org,
     set_org_status,
 )
-from tasks.notify import notify_org_contact
+from tasks.notify import NotificationError, notify_org_contact, webhook_url
 from tasks.paging import page_flow_crash
 from tasks.status_doc import (
     ROLLBACK_IN_PROGRESS,
@@ -172,6 +172,24 @@ def check_request(settings: Settings, org_id: object, reason: object,
                 f"{MAX_TEXT_LENGTH[name]}"
             )
     return org
+
+
+def check_notify_setting(settings: Settings) -> None:
+    """Raise RollbackRequestError before the approval when step 1 cannot notify.
+
+    A missing or malformed UE_NOTIFY_WEBHOOK_URL would otherwise fail the
+    run only after a person approved it.
+    """
+    try:
+        url = webhook_url(settings)
+    except NotificationError as error:
+        raise RollbackRequestError(str(error)) from None
+    if not url and settings.notify_required:
+        raise RollbackRequestError(
+            "no contact configured: set UE_NOTIFY_WEBHOOK_URL to the webhook of "
+            "the pilot org's contact, or UE_NOTIFY_REQUIRED=false to roll back "
+            "without notice"
+        )
 
 
 def find_organization(clerk, org: str):
@@ -733,6 +751,8 @@ def rollback(
     settings = Settings()
     install_log_redaction(settings.secret_values())
     org = check_request(settings, org_id, reason, requested_by)
+    if not dry_run:
+        check_notify_setting(settings)
     run_id = str(runtime.flow_run.id)
 
     # Plan
@@ -793,7 +813,9 @@ def rollback(
     result = {
         "org": org, "outcome": STATUS_ROLLED_BACK, "run_id": run_id,
         "rollback_id": rollback_id,
-        "message": f"{org} rolled back (rollback {rollback_id})",
+        "message": (f"{org} rolled back (rollback {rollback_id}). Remove it from "
+                    "UE_PILOT_ORG_IDS: the hourly audit would find its sessions "
+                    "rejected and report inconclusive"),
         "reason": record["reason"], "requested_by": record["requested_by"],
         "plan": plan, "plan_markdown": markdown, "approval": approval,
         "steps": steps.rows(),

@@ -413,6 +413,25 @@ def evaluate_sessions(org: str, missing: list[str], rejected: list[str],
     return passed(check_id, "every probe session was accepted", org)
 
 
+def other_org_for(
+    org: str,
+    orgs: list[str],
+    index: int,
+    sessions: dict[str, dict[str, str]],
+    pilot_org_ids: list[str],
+) -> str | None:
+    """Return the org whose session tries to read `org`'s export.
+
+    The next audited org, or, when only one org is audited, a pilot org (or
+    failing that any org) that has a probe session.
+    """
+    if len(orgs) > 1:
+        return orgs[(index + 1) % len(orgs)]
+    candidates = [o for o in pilot_org_ids if o != org and sessions.get(o)]
+    candidates += sorted(o for o in sessions if o != org and sessions.get(o))
+    return candidates[0] if candidates else None
+
+
 @task(name="probe-access", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
 async def probe_access(
     settings: Settings, orgs: list[str], user_agent: str | None = None
@@ -429,7 +448,7 @@ async def probe_access(
         prober = Prober(clients, settings)
         jobs = [probe_anonymous_gates(prober, orgs[0])]
         for index, org in enumerate(orgs):
-            other = orgs[(index + 1) % len(orgs)] if len(orgs) > 1 else None
+            other = other_org_for(org, orgs, index, sessions, settings.pilot_org_ids)
             jobs.append(probe_org_gates(prober, org, sessions, other))
         groups = await asyncio.gather(*jobs)
     finally:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from tasks.http_access import path_variants, summarize_gate
+from tasks.http_access import other_org_for, path_variants, summarize_gate
 from tasks.http_probes import Probe, classify, count_row_orgs, probe_url
 
 CASES = [
@@ -112,3 +112,31 @@ def test_cut_last_line_dropped():
     """A body that ends inside a record does not count the partial record."""
     body = b"id,org_id\n1,org_a\n2,org_"
     assert count_row_orgs(body, "text/csv", "org_id") == {"org_a": 1}
+
+
+@pytest.mark.parametrize(
+    "orgs,pilot,expected",
+    [
+        (["org_a", "org_b"], [], "org_b"),
+        (["org_a"], ["org_c", "org_a", "org_b"], "org_c"),
+        (["org_a"], [], "org_b"),
+        (["org_b"], ["org_b"], "org_a"),
+        (["org_a"], ["org_x"], "org_b"),
+    ],
+    ids=["next-audited", "pilot-org", "any-session", "only-other",
+         "pilot-without-session"],
+)
+def test_other_org_for_single_org_audit(orgs, pilot, expected):
+    """One audited org borrows another org's probe session for the cross-org gate."""
+    sessions = {"org_a": {"admin": "t1"}, "org_b": {"member": "t2"},
+                "org_c": {"admin": "t3"}}
+    if expected == "org_a":
+        sessions.pop("org_c")
+    if "org_x" in pilot:
+        sessions.pop("org_c")
+    assert other_org_for(orgs[0], orgs, 0, sessions, pilot) == expected
+
+
+def test_other_org_for_without_other_session():
+    """With no other org's session there is none to borrow."""
+    assert other_org_for("org_a", ["org_a"], 0, {"org_a": {"admin": "t"}}, []) is None

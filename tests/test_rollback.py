@@ -547,6 +547,16 @@ def test_empty_reason_rejected(env):
     assert_untouched(env, ORG_UNTOUCHED)
 
 
+def test_missing_webhook_rejected_before_approval(env, monkeypatch):
+    """Without UE_NOTIFY_WEBHOOK_URL the run fails before the plan and the pause."""
+    monkeypatch.setenv("UE_NOTIFY_WEBHOOK_URL", "")
+    state = run_rollback(ORG_UNTOUCHED, approval_input(ORG_UNTOUCHED))
+    error = failure(state)
+    assert isinstance(error, RollbackRequestError)
+    assert "UE_NOTIFY_WEBHOOK_URL" in str(error)
+    assert_untouched(env, ORG_UNTOUCHED)
+
+
 # A failure mid-way, then a second run
 
 
@@ -608,6 +618,19 @@ def test_cli_rollback_bad_org_exits_2(env):
     ])
     assert outcome.exit_code == 2
     assert "org_sandbox0001" in outcome.output
+
+
+def test_cli_rollback_without_webhook_exits_2(env, monkeypatch):
+    """A missing webhook is a usage error before the plan, exit status 2."""
+    monkeypatch.setenv("UE_NOTIFY_WEBHOOK_URL", "")
+    outcome = CliRunner().invoke(main, [
+        "rollback", "--org", ORG_UNTOUCHED, "--reason", REASON,
+        "--requested-by", REQUESTER, "--approve-as", APPROVER,
+    ])
+    assert outcome.exit_code == 2
+    assert "UE_NOTIFY_WEBHOOK_URL" in outcome.output
+    assert "Rollback plan" not in outcome.output
+    assert_untouched(env, ORG_UNTOUCHED)
 
 
 def test_cli_rollback_approves(env):

@@ -270,6 +270,10 @@ def run_export(org: str, exports: list[str], as_json: bool) -> int:
         if isinstance(message, str) and "ExportConfigurationError" in message:
             raise click.UsageError(message)
         click.echo(f"Export FAILED: {message}", err=True)
+        if as_json:
+            click.echo(json.dumps(
+                {"org": org, "outcome": "failed", "error": str(message)}, indent=2
+            ))
         return 1
     manifest = state.result()
     if as_json:
@@ -529,6 +533,7 @@ def run_rollback(request: dict, approval: dict, as_json: bool) -> int:
         PLAN_ARTIFACT,
         RollbackRequestError,
         VerificationInconclusiveError,
+        check_notify_setting,
         check_request,
         find_organization,
         rollback,
@@ -541,6 +546,8 @@ def run_rollback(request: dict, approval: dict, as_json: bool) -> int:
     try:
         check_request(settings, request["org_id"], request["reason"],
                       request["requested_by"])
+        if not request["dry_run"]:
+            check_notify_setting(settings)
         find_organization(open_clerk(settings), request["org_id"])
     except (InvalidOrgIdError, RollbackRequestError) as error:
         raise click.UsageError(str(error)) from None
@@ -565,9 +572,16 @@ def run_rollback(request: dict, approval: dict, as_json: bool) -> int:
     if not state.is_completed():
         error = state.result(raise_on_failure=False)
         click.echo(f"Rollback FAILED: {error}", err=True)
-        if isinstance(error, VerificationInconclusiveError):
-            return EXIT_CODES["inconclusive"]
-        return EXIT_CODES["fail"]
+        inconclusive = isinstance(error, VerificationInconclusiveError)
+        if as_json:
+            click.echo(json.dumps({
+                "org": request["org_id"],
+                "outcome": "inconclusive" if inconclusive else "failed",
+                "run_id": str(flow_run.id),
+                "error_type": type(error).__name__,
+                "error": str(error),
+            }, indent=2))
+        return EXIT_CODES["inconclusive"] if inconclusive else EXIT_CODES["fail"]
     result = state.result()
     if as_json:
         click.echo(json.dumps(result, indent=2, default=str))
