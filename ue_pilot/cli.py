@@ -120,14 +120,14 @@ def audit(
             sys.exit(EXIT_USAGE)
         with process:
             os.environ.update(process.env)
-            code = run_audit(list(orgs), as_json)
+            code = run_audit(list(orgs), as_json, sandbox=True)
         sys.exit(code)
     except KeyboardInterrupt:
         click.echo("Interrupted: the audit did not finish.", err=True)
         sys.exit(EXIT_INTERRUPTED)
 
 
-def run_audit(orgs: list[str], as_json: bool) -> int:
+def run_audit(orgs: list[str], as_json: bool, sandbox: bool = False) -> int:
     """Validate the settings and orgs, run the flow, print the outcome."""
     settings = load_settings()
     from flows.isolation_audit import AuditConfigurationError, select_orgs
@@ -150,11 +150,11 @@ def run_audit(orgs: list[str], as_json: bool) -> int:
             json.dumps({"verdict": result["verdict"], "checks": checks}, default=str)
         )
     else:
-        click.echo(render_summary(result))
+        click.echo(render_summary(result, sandbox))
     return EXIT_CODES[result["verdict"]]
 
 
-def render_summary(result: dict) -> str:
+def render_summary(result: dict, sandbox: bool = False) -> str:
     """Render the verdict, then each check id with its outcomes."""
     checks = result["checks"]
     lines = [
@@ -185,6 +185,9 @@ def render_summary(result: dict) -> str:
     evidence = result.get("evidence") or {}
     if "skipped" in evidence:
         lines += ["", f"Evidence records skipped: {evidence['skipped']}"]
+        if sandbox:
+            lines.append("  (`audit --sandbox` runs without Azurite; audit a sandbox "
+                         "from `ue-pilot sandbox up` to write records)")
     elif "error" in evidence:
         lines += ["", f"Evidence records NOT written: {evidence['error']}"]
     elif evidence:
