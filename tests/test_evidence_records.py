@@ -675,6 +675,7 @@ def test_cli_verify_no_records(cli_env):
     result = CliRunner().invoke(main, ["evidence", "verify", "--org", "org_none1"])
     assert result.exit_code == 3
     assert "NOTHING TO VERIFY" in result.output
+    assert "UE_PILOT_ORG_IDS does not list it" in result.output
 
 
 def test_cli_export_writes_valid_oscal(runs, cli_env, oscal_validator):

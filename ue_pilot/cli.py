@@ -341,7 +341,24 @@ def evidence_verify(org: str, as_json: bool) -> None:
         click.echo(json.dumps(report.to_dict(), indent=2))
     else:
         click.echo("\n".join(report.lines()))
+        if report.status == "empty":
+            click.echo(empty_evidence_hint(org, container.container_name))
     sys.exit({"intact": 0, "tampered": 1, "empty": 3}[report.status])
+
+
+def empty_evidence_hint(org: str, container_name: str) -> str:
+    """Say where records were looked for and whether the org is a pilot org."""
+    pilot = load_settings().pilot_org_ids
+    listed = (
+        "UE_PILOT_ORG_IDS lists it"
+        if org in pilot
+        else "UE_PILOT_ORG_IDS does not list it; check the org id"
+    )
+    return (
+        f"No record under {org}/ or archived/{org}/ in container "
+        f"{container_name!r}; {listed}. Records appear after a flow run with Blob "
+        "Storage configured."
+    )
 
 
 @evidence.command("export")
