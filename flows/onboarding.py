@@ -241,8 +241,8 @@ def onboarding(name: str, slug: str, created_by: str = "", seed_dir: str = "") -
     except Exception as error:
         return finish_failed(run, error)
     except (KeyboardInterrupt, TerminationSignal) as error:
-        # The transaction's hook has disabled the org; the run still ends
-        # interrupted, after its evidence.
+        # The transaction's hook has disabled the org. The run still ends
+        # interrupted, after its evidence is written.
         finish_failed(run, error)
         raise
     return finish(run, None)

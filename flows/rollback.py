@@ -65,7 +65,12 @@ from tasks.identity import (
     sessions_left_for_org,
     set_org_status,
 )
-from tasks.notify import NotificationError, notify_org_contact, webhook_url
+from tasks.notify import (
+    NO_CONTACT_MESSAGE,
+    NotificationError,
+    notify_org_contact,
+    webhook_url,
+)
 from tasks.paging import page_flow_crash
 from tasks.status_doc import (
     ROLLBACK_IN_PROGRESS,
@@ -175,21 +180,17 @@ def check_request(settings: Settings, org_id: object, reason: object,
 
 
 def check_notify_setting(settings: Settings) -> None:
-    """Raise RollbackRequestError before the approval when step 1 cannot notify.
+    """Raise RollbackRequestError when step 1 cannot notify, before the approval.
 
-    A missing or malformed UE_NOTIFY_WEBHOOK_URL would otherwise fail the
-    run only after a person approved it.
+    A missing or invalid UE_NOTIFY_WEBHOOK_URL would otherwise fail the run
+    only after a person approved it.
     """
     try:
         url = webhook_url(settings)
     except NotificationError as error:
         raise RollbackRequestError(str(error)) from None
     if not url and settings.notify_required:
-        raise RollbackRequestError(
-            "no contact configured: set UE_NOTIFY_WEBHOOK_URL to the webhook of "
-            "the pilot org's contact, or UE_NOTIFY_REQUIRED=false to roll back "
-            "without notice"
-        )
+        raise RollbackRequestError(NO_CONTACT_MESSAGE)
 
 
 def find_organization(clerk, org: str):
@@ -350,11 +351,11 @@ def render_plan(plan: dict, reason: str, requested_by: str) -> str:
 
 
 def render_disabled_warning(plan: dict) -> list[str]:
-    """Warn when the org is already disabled, which can make the export fail.
+    """Return a warning when the org is already disabled, which can fail the export.
 
-    A failed onboarding disables its org in Clerk. UE rejects a disabled
-    org's sessions when it honours the flag, as the sandbox does, and then
-    step 2 fails and the rollback stops before it changes Clerk or storage.
+    A failed onboarding disables its org in Clerk. A UE that honours the flag,
+    as the sandbox does, rejects the org's sessions. Step 2 then fails, before
+    the rollback changes Clerk or storage.
     """
     if plan["clerk_status"] != STATUS_DISABLED or plan["rollback"] is not None:
         return []

@@ -42,6 +42,7 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
@@ -345,8 +346,8 @@ def fill_missing_md5(
         try:
             filled[name] = compute_md5(container, record)
         except (ResourceModifiedError, ResourceNotFoundError):
-            # Changed or deleted since the listing: this run leaves it alone,
-            # so it is neither copied nor deleted, and a re-run lists it anew.
+            # The blob changed or was deleted since the listing. This run
+            # neither copies nor deletes it, and a re-run lists it anew.
             del filled[name]
             summary.add_problem("changed_while_hashed", name)
             continue
@@ -865,8 +866,13 @@ class ListingCursor:
         self.last_name: str | None = None
         self.ended = False
 
+    def records_through(self, last_name: str) -> Iterator[BlobRecord]:
+        """Yield records of further pages until one reaches `last_name` or the end."""
+        while not self.ended and (self.last_name is None or self.last_name < last_name):
+            yield from self.next_page()
+
     def next_page(self) -> list[BlobRecord]:
-        """Return the next page's records; set `ended` after the last page."""
+        """Return the next page's records, and set `ended` after the last page."""
         try:
             page = next(self._pages)
         except StopIteration:
@@ -919,8 +925,8 @@ class ChunkedMove:
         self.cursor = ListingCursor(
             self.container, self.summary.archive_prefix, self.chunk_size
         )
-        # Sources as a second running listing shows them just before their
-        # chunk's deletes, keyed by name.
+        # Sources by name, from a second running listing read just before
+        # each chunk's deletes.
         self.source_cursor = ListingCursor(
             self.container, self.summary.source_prefix, self.chunk_size
         )
@@ -988,8 +994,12 @@ class ChunkedMove:
         the delete would not notice new tags. A source whose etag or tags
         differ from the copied ones is kept, and a re-run copies it again. A
         source that is gone needs no delete.
+
+        A copy deleted by another writer between its verification and this
+        delete is not seen here, but the run's final check reports it missing.
         """
-        self.read_sources_through(chunk[-1])
+        for record in self.source_cursor.records_through(chunk[-1]):
+            self.current_sources[record.name] = record
         unchanged = []
         for source in verified:
             current = self.current_sources.pop(source.name, None)
@@ -1003,27 +1013,14 @@ class ChunkedMove:
             unchanged.append(source)
         return unchanged
 
-    def read_sources_through(self, last_name: str) -> None:
-        """Read source listing pages until one reaches `last_name` or it ends."""
-        cursor = self.source_cursor
-        while not cursor.ended and (
-            cursor.last_name is None or cursor.last_name < last_name
-        ):
-            for record in cursor.next_page():
-                self.current_sources[record.name] = record
-
     def read_listing_through(self, last_target: str) -> None:
-        """Read listing pages until one reaches `last_target` or the listing ends."""
-        cursor = self.cursor
-        while not cursor.ended and (
-            cursor.last_name is None or cursor.last_name < last_target
-        ):
-            for record in cursor.next_page():
-                pending = self.chunk_of_target.get(record.name)
-                if pending is not None and pending > self.copied_through:
-                    continue
-                self.destinations[record.name] = record
-                self.listed_after_copy.add(record.name)
+        """Read archive listing pages until one reaches `last_target` or the end."""
+        for record in self.cursor.records_through(last_target):
+            pending = self.chunk_of_target.get(record.name)
+            if pending is not None and pending > self.copied_through:
+                continue
+            self.destinations[record.name] = record
+            self.listed_after_copy.add(record.name)
 
 
 # The archive run
@@ -1141,6 +1138,9 @@ def forget_gone_sources(summary: ArchiveSummary, left: set[str]) -> None:
     A conditional delete of a blob that another run deleted first fails with
     412 in Azurite 3.37, as if the source had changed. Its copy was verified,
     so nothing is left to do for it.
+
+    NOTE: only Azurite was tried. Azure may return 404 instead, which
+    delete_sources already counts as deleted.
     """
     still_there = [name for name in summary.problems.get("changed_after_copy", [])
                    if name in left]

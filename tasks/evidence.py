@@ -313,7 +313,7 @@ def storage_configured(settings: Settings) -> bool:
     )
 
 
-# Subflows deeper than this are not followed up; none of the flows nests so deep.
+# Levels of subflows followed up. None of the flows nests this deep.
 MAX_FLOW_DEPTH = 10
 
 

@@ -422,8 +422,8 @@ def other_org_for(
 ) -> str | None:
     """Return the org whose session tries to read `org`'s export.
 
-    The next audited org, or, when only one org is audited, a pilot org (or
-    failing that any org) that has a probe session.
+    That is the next audited org. When only one org is audited, it is another
+    pilot org with a probe session, else any other org with one.
     """
     if len(orgs) > 1:
         return orgs[(index + 1) % len(orgs)]

@@ -19,6 +19,12 @@ from ue_pilot.settings import Settings
 NOTIFY_TIMEOUT_SECONDS = 15.0
 
 
+NO_CONTACT_MESSAGE = (
+    "no contact configured: set UE_NOTIFY_WEBHOOK_URL to the webhook of the "
+    "pilot org's contact, or UE_NOTIFY_REQUIRED=false to roll back without notice"
+)
+
+
 class NotificationError(RuntimeError):
     """The notice could not be delivered, or no webhook is configured."""
 
@@ -49,11 +55,7 @@ def notify_org_contact(settings: Settings, notice: dict, idempotency_key: str) -
     url = webhook_url(settings)
     if not url:
         if settings.notify_required:
-            raise NotificationError(
-                "no contact configured: set UE_NOTIFY_WEBHOOK_URL to the webhook "
-                "of the pilot org's contact, or UE_NOTIFY_REQUIRED=false to roll "
-                "back without notice"
-            )
+            raise NotificationError(NO_CONTACT_MESSAGE)
         logger.warning("org %s: no contact configured, no notice sent", notice["org"])
         return {"outcome": "skipped", "reason": "no contact configured"}
 

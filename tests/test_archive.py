@@ -403,7 +403,7 @@ def test_archive_in_chunks_resumes_earlier_run(container):
     assert count_blobs(container, f"{ORG}/") == 0
 
 
-def test_chunk_listing_sets_aside_copies_not_made_yet(container):
+def test_chunk_listing_sets_aside_pending_copies(container):
     """A page that reaches a later chunk's stale copy does not count it as verified."""
     names, manifest = seed_with_manifest(container, 12)
     time.sleep(1.1)  # An upload in the manifest's second would be a conflict.
@@ -497,10 +497,10 @@ def test_archive_blobs_reports_progress(azurite, ue_env, prefect_server):
     assert artifact.data == 100.0
 
 
-# Cases found by a break-it pass
+# Other writers and edits during an archive
 
 
-def test_copy_deleted_mid_run_keeps_its_source(container, monkeypatch):
+def test_deleted_copy_keeps_source(container, monkeypatch):
     """A copy that vanishes after the first listing is not trusted: its source stays."""
     import tasks.archive as archive_module
 
@@ -526,7 +526,7 @@ def test_copy_deleted_mid_run_keeps_its_source(container, monkeypatch):
     assert container.get_blob_client(names[0]).exists()
 
 
-def test_copy_from_the_manifest_second_is_kept(container):
+def test_same_second_copy_is_conflict(container):
     """An earlier archive's blob from the manifest's second is a conflict, kept."""
     upload(container, f"{ORG}/report.csv")
     run_archive(container)
@@ -540,8 +540,8 @@ def test_copy_from_the_manifest_second_is_kept(container):
     assert "conflict" in caught.value.summary["problems"]
 
 
-def test_source_tagged_after_listing_is_kept(container, monkeypatch):
-    """New tags on a source do not change its etag; the fresh listing keeps it."""
+def test_retagged_source_is_kept(container, monkeypatch):
+    """New tags leave a source's etag as it was, so the fresh listing keeps it."""
     import tasks.archive as archive_module
 
     names = seed(container, ORG, 3)
@@ -564,8 +564,8 @@ def test_source_tagged_after_listing_is_kept(container, monkeypatch):
         "hold": "legal"}
 
 
-def test_edited_manifest_stops_the_archive(container):
-    """A manifest whose content no longer has its recorded sha256 is refused."""
+def test_edited_manifest_stops_archive(container):
+    """A manifest whose content no longer has its recorded sha256 is rejected."""
     seed(container, ORG, 2)
     manifest = write_manifest(
         container, ORG, list_records(container, f"{ORG}/"), f"{ORG}/")
@@ -578,7 +578,7 @@ def test_edited_manifest_stops_the_archive(container):
     assert count_blobs(container, f"archived/{ORG}/") == 0
 
 
-def test_archive_source_deleted_by_another_run(container, monkeypatch):
+def test_source_deleted_elsewhere_is_fine(container, monkeypatch):
     """A verified source that another run deleted first does not fail the archive."""
     import tasks.archive as archive_module
 

@@ -126,7 +126,7 @@ def test_cut_last_line_dropped():
     ids=["next-audited", "pilot-org", "any-session", "only-other",
          "pilot-without-session"],
 )
-def test_other_org_for_single_org_audit(orgs, pilot, expected):
+def test_other_org_single_org_audit(orgs, pilot, expected):
     """One audited org borrows another org's probe session for the cross-org gate."""
     sessions = {"org_a": {"admin": "t1"}, "org_b": {"member": "t2"},
                 "org_c": {"admin": "t3"}}
@@ -137,6 +137,6 @@ def test_other_org_for_single_org_audit(orgs, pilot, expected):
     assert other_org_for(orgs[0], orgs, 0, sessions, pilot) == expected
 
 
-def test_other_org_for_without_other_session():
-    """With no other org's session there is none to borrow."""
+def test_other_org_without_session():
+    """Without another org's session there is no other org."""
     assert other_org_for("org_a", ["org_a"], 0, {"org_a": {"admin": "t"}}, []) is None

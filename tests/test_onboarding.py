@@ -555,11 +555,10 @@ def test_ingestion_standin_rejects_wrong_key(sandbox):
 
 
 
-def test_interrupted_onboarding_writes_evidence_record(prefect_server, env,
-                                                       monkeypatch):
+def test_interrupted_onboarding_writes_record(prefect_server, env, monkeypatch):
     """A Ctrl-C during step 4 disables the org and still leaves its evidence record.
 
-    KeyboardInterrupt stands for both interrupts: a TerminationSignal raised
+    KeyboardInterrupt is used for both interrupts: a TerminationSignal raised
     in process makes Prefect send SIGTERM to the test process itself.
     """
     import flows.onboarding as onboarding_module

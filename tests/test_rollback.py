@@ -547,7 +547,7 @@ def test_empty_reason_rejected(env):
     assert_untouched(env, ORG_UNTOUCHED)
 
 
-def test_missing_webhook_rejected_before_approval(env, monkeypatch):
+def test_missing_webhook_rejected_early(env, monkeypatch):
     """Without UE_NOTIFY_WEBHOOK_URL the run fails before the plan and the pause."""
     monkeypatch.setenv("UE_NOTIFY_WEBHOOK_URL", "")
     state = run_rollback(ORG_UNTOUCHED, approval_input(ORG_UNTOUCHED))
@@ -745,7 +745,7 @@ def test_failed_rollback_writes_evidence_record(
 
 
 @pytest.mark.parametrize("clerk_status", ["active", "disabled"])
-def test_plan_warns_when_org_already_disabled(clerk_status):
+def test_plan_warns_disabled_org(clerk_status):
     """A plan for an org that is already disabled warns that the export may fail."""
     blobs = {"prefix": "org_x/", "count": 2, "bytes": 10, "evidence_records": 0}
     plan = {
@@ -761,12 +761,12 @@ def test_plan_warns_when_org_already_disabled(clerk_status):
     assert warned is (clerk_status == "disabled")
 
 
-def test_interrupted_rollback_writes_evidence_record(
+def test_interrupted_rollback_writes_record(
     surviving_sessions_sandbox, ue_env, monkeypatch
 ):
     """A Ctrl-C during the export ends the run with a record of what was done.
 
-    KeyboardInterrupt stands for both interrupts: a TerminationSignal raised
+    KeyboardInterrupt is used for both interrupts: a TerminationSignal raised
     in process makes Prefect send SIGTERM to the test process itself.
     """
     import flows.rollback as rollback_module

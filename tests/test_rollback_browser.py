@@ -381,7 +381,7 @@ def test_browser_rollback_archives_blobs(rolled_back, sandbox):
     assert any(name.endswith("/rewards.csv") for name in archived)
 
 
-def test_browser_rollback_export_record_has_operator_trigger(rolled_back, sandbox):
+def test_browser_export_record_operator_trigger(rolled_back, sandbox):
     """The export subflow's evidence record names the operator's run as its trigger."""
     records = [name for name in blob_names(sandbox.env, f"archived/{ORG}/export/")
                if name.endswith("/record.json")]

@@ -347,7 +347,7 @@ def evidence_verify(org: str, as_json: bool) -> None:
 
 
 def empty_evidence_hint(org: str, container_name: str) -> str:
-    """Say where records were looked for and whether the org is a pilot org."""
+    """Return a hint naming the container read and whether the org is a pilot org."""
     pilot = load_settings().pilot_org_ids
     listed = (
         "UE_PILOT_ORG_IDS lists it"
